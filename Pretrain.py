@@ -1,0 +1,234 @@
+"""ALBEF pre-training: ITC + ITM + MLM with momentum distillation.
+
+    torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/pretrain
+    python Pretrain.py --config configs/Pretrain_tiny.yaml --output_dir output/demo      # CPU demo
+    python Pretrain.py ... --resume                       # continue from the newest checkpoint_XX.pth
+    python Pretrain.py ... --options optimizer.lr=2e-4 batch_size=32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+
+from dataset import CaptionCollator, create_loader, create_sampler
+from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
+from dataset.transforms import AugmentConfig, test_transform, train_transform
+from engine.retrieval import itc_retrieval
+from engine.trainer import Trainer, TrainOptions, print0
+from models.albef import ALBEF, ALBEFConfig
+from models.bert import BertConfig
+from models.pretrained import load_bert_weights, load_state_dict_file, load_vit_weights
+from models.tokenizer import load_tokenizer
+from models.vit import VisionConfig, interpolate_pos_embed
+from optim import OptimizerConfig, create_optimizer
+from scheduler import SchedulerConfig, create_scheduler
+from utils import distributed as du
+from utils.config import ConfigError, load_config, save_config, to_dict
+
+
+@dataclass
+class PretrainConfig(TrainOptions):
+    """``configs/Pretrain.yaml``: the original keys first, then the keys this framework adds."""
+
+    train_file: Union[str, List[str]] = field(default_factory=list)  # pre-training JSON file(s)
+    bert_config: Union[str, Dict[str, Any]] = "configs/config_bert.json"  # path to a BERT JSON, or inline
+    image_res: int = 256
+    vision_width: int = 768
+    embed_dim: int = 256
+    batch_size: int = 64  # per GPU
+    temp: float = 0.07
+    mlm_probability: float = 0.15
+    queue_size: int = 65536
+    momentum: float = 0.995
+    alpha: float = 0.4  # distillation weight, ramped linearly over the first epoch
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata={"aliases": ["schedular"]})
+    # ---- new keys
+    vit: VisionConfig = field(default_factory=VisionConfig)  # image encoder size (default ViT-B/16)
+    vit_init: Optional[str] = None  # DeiT/timm weights: a .pth/.safetensors file or a timm name; null = random
+    text_encoder: Optional[str] = "bert-base-uncased"  # HF name or folder with BERT weights; null = random
+    tokenizer: Optional[str] = None  # HF name or folder; default: text_encoder
+    image_root: Optional[str] = None  # prefix for relative image paths (default: each JSON file's folder)
+    max_words: int = 30  # caption words kept by pre_caption
+    max_tokens: int = 25  # tokens per caption including [CLS]
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    on_bad_image: str = "skip"  # skip (with a counted warning) or raise
+    test_file: Optional[str] = None  # retrieval-format JSON evaluated zero-shot (ITC) after every epoch
+    batch_size_test: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.train_file:
+            raise ValueError("train_file is required (a JSON file or a list of them)")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (ITM needs an in-batch negative)")
+        if self.on_bad_image not in ("skip", "raise"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {self.on_bad_image!r}")
+        if self.tokenizer is None and self.text_encoder is None:
+            raise ValueError("tokenizer must be given when text_encoder is null")
+
+    def bert(self, source: str) -> BertConfig:
+        if isinstance(self.bert_config, dict):
+            return BertConfig.from_dict(self.bert_config, f"{source}: bert_config")
+        if not os.path.isfile(self.bert_config):
+            raise ConfigError(f"{source}: bert_config file {self.bert_config} does not exist")
+        return BertConfig.from_json_file(self.bert_config)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="./configs/Pretrain.yaml")
+    p.add_argument("--output_dir", default="output/pretrain")
+    p.add_argument("--checkpoint", default="", help="initialise the model from these weights (any ALBEF "
+                   "pre-training checkpoint); training starts at epoch 0")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
+    p.add_argument("--text_encoder", default=None, help="overrides the config's text_encoder")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", default=42, type=int)
+    p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--exit_after_epochs", type=int, default=None,
+                   help="stop after this many epochs of this run (time-limited jobs); resume later")
+    # accepted for compatibility with the original's launch lines; torchrun's environment decides
+    p.add_argument("--world_size", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dist_url", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--distributed", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.resume is not None and args.resume.lower() in ("false", "0", "no"):
+        args.resume = None  # the original's `--resume False`
+    elif args.resume is not None and args.resume.lower() in ("true", "1", "yes"):
+        args.resume = "latest"
+    return args
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: PretrainConfig, tokenizer, source: str) -> ALBEF:
+    bert = cfg.bert(source)
+    if len(tokenizer) > bert.vocab_size:
+        raise ConfigError(f"{source}: the tokenizer has {len(tokenizer)} entries, more than bert_config "
+                          f"vocab_size {bert.vocab_size}")
+    try:
+        model_cfg = ALBEFConfig(image_res=cfg.image_res, vision_width=cfg.vision_width, embed_dim=cfg.embed_dim,
+                                temp=cfg.temp, mlm_probability=cfg.mlm_probability, queue_size=cfg.queue_size,
+                                momentum=cfg.momentum, vit=cfg.vit, bert=bert, pad_token_id=tokenizer.pad_token_id,
+                                cls_token_id=tokenizer.cls_token_id, mask_token_id=tokenizer.mask_token_id)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    model = ALBEF(model_cfg)
+    if cfg.text_encoder:
+        load_bert_weights(model.text_encoder, cfg.text_encoder)
+        print0(f"text encoder initialised from {cfg.text_encoder}")
+    if cfg.vit_init:
+        load_vit_weights(model.visual_encoder, cfg.vit_init)
+        print0(f"image encoder initialised from {cfg.vit_init}")
+    model.copy_params()
+    return model
+
+
+def load_weights(model: ALBEF, path: str) -> None:
+    """``--checkpoint``: weights of a pre-training checkpoint (``{'model': ...}`` or raw), pos-embed resized."""
+    sd = load_state_dict_file(path)
+    num_patches = model.visual_encoder.patch_embed.num_patches
+    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
+        if key in sd:
+            sd[key] = interpolate_pos_embed(sd[key], num_patches)
+    model.load_state_dict(sd, strict=True)
+    print0(f"loaded weights from {path}")
+
+
+def main(argv=None) -> Dict[str, float]:
+    args = parse_args(argv)
+    overrides = list(args.options) + ([f"text_encoder={args.text_encoder}"] if args.text_encoder else [])
+    cfg = load_config(PretrainConfig, args.config, overrides)
+    info = du.init_distributed(args.device)
+    device = info.device
+    set_seed(args.seed + info.rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if du.is_main_process():
+        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
+
+    # Tokenizer first: the model's vocabulary and special-token ids come from it.
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.text_encoder)
+    model = build_model(cfg, tokenizer, args.config)
+    if args.resume == "latest" and args.checkpoint:  # the original's `--checkpoint X --resume True`
+        args.resume, args.checkpoint = args.checkpoint, ""
+    if args.checkpoint:
+        load_weights(model, args.checkpoint)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"model: {n_train / 1e6:.1f} M trainable parameters")
+
+    dataset = PretrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
+                              cfg.max_words, cfg.on_bad_image)
+    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+    loader = create_loader(dataset, sampler, cfg.batch_size, cfg.num_workers, train=True,
+                           collate_fn=CaptionCollator(tokenizer, cfg.max_tokens))
+    print0(f"data: {len(dataset)} image-text records, {len(loader)} steps per epoch per rank")
+
+    # Optimizer and scheduler on the unwrapped model, before DDP (as the original).
+    model.to(device)
+    optimizer = create_optimizer(model, cfg.optimizer)
+    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
+    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
+    if args.resume:
+        from engine.checkpoint import latest_checkpoint
+
+        path = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+        if path is None:
+            print0(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
+        else:
+            trainer.resume(path)
+
+    def train_step(module, batch, ctx):
+        alpha = cfg.alpha if ctx.epoch > 0 else cfg.alpha * min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch)
+        return module(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha)
+
+    results: Dict[str, float] = {}
+    after_epoch = None
+    if cfg.test_file:
+        test_set = RetrievalEvalDataset(cfg.test_file, test_transform(cfg.image_res), cfg.image_root,
+                                        cfg.max_words)
+        test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.batch_size_test,
+                                                  num_workers=min(cfg.num_workers, 2))
+
+        def after_epoch(epoch: int) -> Dict[str, float]:
+            if not du.is_main_process():
+                return {}
+            metrics = itc_retrieval(model, test_loader, test_set, tokenizer, device)
+            results.clear()
+            results.update(metrics)
+            print0(f"zero-shot retrieval (ITC) on {cfg.test_file}: " +
+                   "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items()))
+            return {f"test_{k}": v for k, v in metrics.items()}
+
+    trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
+                exit_after_epochs=args.exit_after_epochs)
+    if results and du.is_main_process():
+        with open(os.path.join(args.output_dir, "eval_test.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print0(f"text->image R@1 {results['img_r1']:.2f}  R@5 {results['img_r5']:.2f}  "
+               f"R@10 {results['img_r10']:.2f} | image->text R@1 {results['txt_r1']:.2f}  "
+               f"R@5 {results['txt_r5']:.2f}  R@10 {results['txt_r10']:.2f}  "
+               f"(written to {os.path.join(args.output_dir, 'eval_test.json')})")
+    du.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)

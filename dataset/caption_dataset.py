@@ -1,0 +1,145 @@
+"""Image-caption data sets in the original ALBEF JSON formats.
+
+* pre-training: a list of ``{"image": path, "caption": str | [str, ...]}`` (several files are concatenated;
+  a list caption is sampled uniformly each time the image is drawn);
+* retrieval evaluation: a list of ``{"image": path, "caption": [str, ...]}`` (one record per image).
+
+Relative image paths are resolved against ``image_root`` when given, else against the JSON file's folder
+(absolute paths, as in the original pre-training files, are used as they are).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+from dataset.text import pre_caption
+
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+Image.MAX_IMAGE_PIXELS = None
+
+log = logging.getLogger(__name__)
+
+
+def load_json_list(path: str, required: Sequence[str]) -> List[Dict[str, Any]]:
+    """Read a JSON list of records and check that each has the ``required`` keys (errors name file and index)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i} is not an object")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks key(s) {missing}: {json.dumps(rec)[:200]}")
+    return data
+
+
+def resolve_image(path: str, image_root: Optional[str], ann_file: str) -> str:
+    if os.path.isabs(path):
+        return path
+    return os.path.join(image_root if image_root else os.path.dirname(os.path.abspath(ann_file)), path)
+
+
+class ImageLoader:
+    """Opens images as RGB. A missing or unreadable file raises, or (``on_bad_image='skip'``) is counted and
+    reported so the caller can substitute another sample."""
+
+    def __init__(self, on_bad_image: str = "skip", max_warnings: int = 20):
+        if on_bad_image not in ("skip", "raise"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
+        self.max_warnings = max_warnings
+        self.num_bad = 0
+
+    def __call__(self, path: str) -> Optional[Image.Image]:
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as e:
+            if self.on_bad_image == "raise":
+                raise OSError(f"cannot read image {path}: {e}") from e
+            self.num_bad += 1
+            if self.num_bad <= self.max_warnings or self.num_bad % 1000 == 0:
+                log.warning("skipping unreadable image %s (%s); %d skipped so far in this worker",
+                            path, e, self.num_bad)
+            return None
+
+
+class PretrainDataset(Dataset):
+    """(image, caption) pairs for pre-training; returns ``{'image': tensor, 'caption': str}``."""
+
+    def __init__(self, ann_files: Union[str, Sequence[str]], transform, image_root: Optional[str] = None,
+                 max_words: int = 30, on_bad_image: str = "skip"):
+        if isinstance(ann_files, str):
+            ann_files = [ann_files]
+        self.records: List[Dict[str, Any]] = []
+        for f in ann_files:
+            for rec in load_json_list(f, ("image", "caption")):
+                caption = rec["caption"]
+                if not isinstance(caption, (str, list)) or (isinstance(caption, list) and not caption):
+                    raise ValueError(f"{f}: caption must be a string or a non-empty list: {rec}")
+                self.records.append({"image": resolve_image(rec["image"], image_root, f), "caption": caption})
+        if not self.records:
+            raise ValueError(f"no records in {list(ann_files)}")
+        self.transform = transform
+        self.max_words = max_words
+        self.load = ImageLoader(on_bad_image)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        for attempt in range(len(self.records)):
+            rec = self.records[(index + attempt) % len(self.records)]
+            image = self.load(rec["image"])
+            if image is not None:
+                break
+        else:
+            raise RuntimeError("no readable image in the whole data set")
+        caption = rec["caption"]
+        if isinstance(caption, list):
+            caption = random.choice(caption)
+        return {"image": self.transform(image), "caption": pre_caption(caption, self.max_words)}
+
+
+class RetrievalEvalDataset(Dataset):
+    """One record per image with its captions (the original ``re_eval_dataset``).
+
+    Attributes:
+        text: all cleaned captions, flattened; ``img2txt[i]``: caption ids of image i; ``txt2img[t]``: image id.
+    """
+
+    def __init__(self, ann_file: str, transform, image_root: Optional[str] = None, max_words: int = 30):
+        records = load_json_list(ann_file, ("image", "caption"))
+        self.transform = transform
+        self.images: List[str] = []
+        self.text: List[str] = []
+        self.img2txt: Dict[int, List[int]] = {}
+        self.txt2img: Dict[int, int] = {}
+        for i, rec in enumerate(records):
+            self.images.append(resolve_image(rec["image"], image_root, ann_file))
+            captions = rec["caption"] if isinstance(rec["caption"], list) else [rec["caption"]]
+            self.img2txt[i] = []
+            for c in captions:
+                self.txt2img[len(self.text)] = i
+                self.img2txt[i].append(len(self.text))
+                self.text.append(pre_caption(c, max_words))
+        self.load = ImageLoader("raise")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        return {"image": self.transform(self.load(self.images[index])), "index": index}

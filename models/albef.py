@@ -1,0 +1,218 @@
+"""ALBEF pre-training model: "Align before Fuse" (Li et al., NeurIPS 2021, https://arxiv.org/abs/2107.07651).
+
+Image encoder (ViT) + text encoder (BERT layers below ``fusion_layer``) + fusion encoder (BERT layers from
+``fusion_layer`` on, cross-attending to the image), 256-d projections for image-text contrastive learning
+(ITC), an image-text matching head (ITM), the MLM head, and an EMA ("momentum") copy of the unimodal
+encoders and projections that provides ITC keys, feature queues and distillation targets.
+
+Submodule and buffer names reproduce the original checkpoint layout (``visual_encoder.*``,
+``text_encoder.bert.*``, ``text_encoder.cls.*``, ``vision_proj``, ``text_proj``, ``temp``, ``itm_head``, the
+``*_m`` momentum copies, ``image_queue``, ``text_queue``, ``queue_ptr``), so the released ``ALBEF.pth`` /
+``ALBEF_4M.pth`` load with ``strict=True``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.bert import BertConfig, BertForMaskedLM, init_bert_weights
+from models.losses import distill_targets, itc_loss, mask_tokens, mlm_loss, sample_hard_negatives
+from models.vit import VisionConfig, create_vit
+from utils.distributed import all_gather_no_grad
+
+
+@dataclass
+class ALBEFConfig:
+    """Everything that fixes the pre-training model's shape and objectives (keys of ``Pretrain.yaml``)."""
+
+    image_res: int = 256  # input resolution (16 x 16 patches at 256 px for ViT-B/16)
+    vision_width: int = 768  # ViT width fed to vision_proj; must equal vit.embed_dim
+    embed_dim: int = 256  # joint ITC space
+    temp: float = 0.07  # initial learnable temperature, clamped to [0.001, 0.5]
+    mlm_probability: float = 0.15
+    queue_size: int = 65536  # momentum feature queue length
+    momentum: float = 0.995  # EMA coefficient of the momentum encoders
+    vit: VisionConfig = field(default_factory=VisionConfig)
+    bert: BertConfig = field(default_factory=BertConfig)
+    # token ids the masking needs (from the tokenizer)
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    mask_token_id: int = 103
+
+    def __post_init__(self):
+        if self.vision_width != self.vit.embed_dim:
+            raise ValueError(f"vision_width ({self.vision_width}) must equal vit.embed_dim ({self.vit.embed_dim})")
+        if self.bert.encoder_width != self.vit.embed_dim:
+            raise ValueError(f"bert_config encoder_width ({self.bert.encoder_width}) must equal vit.embed_dim "
+                             f"({self.vit.embed_dim})")
+
+
+class Encoded(NamedTuple):
+    embeds: torch.Tensor  # [B, L, D] token states (ViT tokens or text-layer outputs)
+    feat: torch.Tensor  # [B, E] L2-normalised projection of token 0 ([CLS]), float32
+
+
+@torch.no_grad()
+def _trunc_normal_init(module: nn.Linear, std: float = 0.02) -> None:
+    nn.init.trunc_normal_(module.weight, std=std)
+    nn.init.zeros_(module.bias)
+
+
+class ALBEF(nn.Module):
+    """Pre-training model. ``forward(image, input_ids, attention_mask, alpha)`` returns a dict of losses."""
+
+    def __init__(self, cfg: ALBEFConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual_encoder = create_vit(cfg.vit, cfg.image_res)
+        self.text_encoder = BertForMaskedLM(cfg.bert)
+        init_bert_weights(self.text_encoder, cfg.bert.initializer_range)
+        text_width = cfg.bert.hidden_size
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(text_width, cfg.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.itm_head = nn.Linear(text_width, 2)
+        for m in (self.vision_proj, self.text_proj, self.itm_head):
+            _trunc_normal_init(m)
+
+        # Momentum (EMA) copies; never trained by the optimizer.
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.text_encoder_m.tie_weights()
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for p in self.momentum_parameters():
+            p.requires_grad_(False)
+
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------------- structure
+    def model_pairs(self):
+        return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
+                (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+
+    def momentum_parameters(self) -> List[nn.Parameter]:
+        return [p for _, m in self.model_pairs() for p in m.parameters()]
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Make every momentum parameter equal to its online parameter (after loading new online weights)."""
+        for online, mom in self.model_pairs():
+            for p, p_m in zip(online.parameters(), mom.parameters()):
+                p_m.copy_(p)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``theta_m <- m * theta_m + (1 - m) * theta`` for all momentum parameters, as two foreach kernels."""
+        m = self.cfg.momentum
+        online = [p for o, _ in self.model_pairs() for p in o.parameters()]
+        mom = self.momentum_parameters()
+        torch._foreach_mul_(mom, m)
+        torch._foreach_add_(mom, online, alpha=1.0 - m)
+
+    def no_weight_decay(self) -> set:
+        """Empty, as the original (its optimizer decays ``temp``, ``pos_embed`` and ``cls_token``)."""
+        return set()
+
+    # ------------------------------------------------------------------------------------- encoders
+    def encode_image(self, image: torch.Tensor, momentum: bool = False) -> Encoded:
+        vit, proj = (self.visual_encoder_m, self.vision_proj_m) if momentum else (self.visual_encoder,
+                                                                                   self.vision_proj)
+        embeds = vit(image)
+        return Encoded(embeds, F.normalize(proj(embeds[:, 0, :]).float(), dim=-1))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, momentum: bool = False
+                    ) -> Encoded:
+        enc, proj = (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
+        embeds = enc.bert(input_ids, attention_mask, mode="text")
+        return Encoded(embeds, F.normalize(proj(embeds[:, 0, :]).float(), dim=-1))
+
+    def fuse(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+             ) -> torch.Tensor:
+        """Fusion layers over text-encoder states, cross-attending to image tokens: [B, L, D]."""
+        return self.text_encoder.bert(encoder_embeds=text_embeds, attention_mask=attention_mask,
+                                      encoder_hidden_states=image_embeds, mode="fusion")
+
+    def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(fused[:, 0, :])
+
+    # ------------------------------------------------------------------------------------------ queue
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
+        """Write all ranks' momentum features into the ring buffers at ``queue_ptr`` (no host sync)."""
+        image_feats = all_gather_no_grad(image_feat)
+        text_feats = all_gather_no_grad(text_feat)
+        n, size = image_feats.shape[0], self.image_queue.shape[1]
+        idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % size
+        self.image_queue[:, idx] = image_feats.T.to(self.image_queue.dtype)
+        self.text_queue[:, idx] = text_feats.T.to(self.text_queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                alpha: float = 0.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """ITC + ITM + MLM losses of one batch (the original's order of operations).
+
+        Args:
+            image: [B, 3, H, W]; input_ids, attention_mask: [B, L] (single sentences, ``[CLS] tokens``).
+            alpha: distillation weight for ITC and MLM targets.
+            generator: optional RNG for the hard-negative draw and the MLM masking.
+        """
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        temp = self.temp
+
+        img = self.encode_image(image)
+        txt = self.encode_text(input_ids, attention_mask)
+
+        # ---- ITC against momentum keys (batch + queue), with momentum-distilled targets
+        with torch.no_grad():
+            self.momentum_update()
+            img_m = self.encode_image(image, momentum=True)
+            txt_m = self.encode_text(input_ids, attention_mask, momentum=True)
+            image_feat_all = torch.cat([img_m.feat.T, self.image_queue.clone()], dim=1)
+            text_feat_all = torch.cat([txt_m.feat.T, self.text_queue.clone()], dim=1)
+            sim_i2t_m = img_m.feat @ text_feat_all / temp
+            sim_t2i_m = txt_m.feat @ image_feat_all / temp
+            hard = torch.zeros_like(sim_i2t_m)
+            hard.fill_diagonal_(1)
+            targets_i2t = distill_targets(sim_i2t_m, hard, alpha)
+            targets_t2i = distill_targets(sim_t2i_m, hard, alpha)
+        loss_ita, sim_i2t, sim_t2i = itc_loss(img.feat, txt.feat, image_feat_all, text_feat_all, temp,
+                                               targets_i2t, targets_t2i)
+        self._dequeue_and_enqueue(img_m.feat, txt_m.feat)
+
+        # ---- ITM: 1 positive + 2 hard negatives per pair
+        bs = image.shape[0]
+        fused_pos = self.fuse(txt.embeds, attention_mask, img.embeds)
+        with torch.no_grad():
+            same = torch.eye(bs, dtype=torch.bool, device=image.device)
+            neg_image_idx = sample_hard_negatives(sim_t2i[:, :bs], same, generator)  # an image per text
+            neg_text_idx = sample_hard_negatives(sim_i2t[:, :bs], same, generator)  # a text per image
+        text_embeds_all = torch.cat([txt.embeds, txt.embeds[neg_text_idx]], dim=0)
+        text_atts_all = torch.cat([attention_mask, attention_mask[neg_text_idx]], dim=0)
+        image_embeds_all = torch.cat([img.embeds[neg_image_idx], img.embeds], dim=0)
+        fused_neg = self.fuse(text_embeds_all, text_atts_all, image_embeds_all)
+        itm_logits = self.itm_logits(torch.cat([fused_pos[:, :1], fused_neg[:, :1]], dim=0))
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]
+                               ).to(image.device)
+        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+
+        # ---- MLM conditioned on the image, distilled from the momentum model
+        cfg = self.cfg
+        masked_ids, labels = mask_tokens(input_ids, cfg.bert.vocab_size, cfg.mask_token_id, cfg.pad_token_id,
+                                         cfg.cls_token_id, cfg.mlm_probability, generator)
+        with torch.no_grad():
+            logits_m = self.text_encoder_m(masked_ids, attention_mask, encoder_hidden_states=img_m.embeds)
+            soft_labels = F.softmax(logits_m.float(), dim=-1)
+        logits = self.text_encoder(masked_ids, attention_mask, encoder_hidden_states=img.embeds)
+        loss_mlm = mlm_loss(logits, labels, soft_labels, alpha)
+
+        return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}

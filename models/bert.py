@@ -1,0 +1,380 @@
+"""BERT text encoder whose upper layers cross-attend to image tokens (ALBEF's text + fusion encoder).
+
+One stack of ``num_hidden_layers`` BERT layers. Layers ``[0, fusion_layer)`` are plain text layers (the
+unimodal text encoder); layers ``[fusion_layer, num_hidden_layers)`` add a cross-attention block between
+self-attention and the feed-forward block (the multimodal fusion encoder). ``mode`` picks which part runs:
+
+* ``'text'``: layers below ``fusion_layer`` on token ids,
+* ``'fusion'``: layers from ``fusion_layer`` on, fed with the text encoder's hidden states,
+* ``'multi_modal'``: all layers.
+
+Parameter names follow Hugging Face ``BertModel`` / ``BertForMaskedLM`` and the original ALBEF ``xbert.py``
+(``embeddings.word_embeddings``, ``encoder.layer.{i}.attention.self.query``,
+``encoder.layer.{i}.crossattention.self.key``, ``cls.predictions.transform.dense``, ...), so Hugging Face BERT
+weights and the released ALBEF checkpoints load without renaming. Numerics follow the original: post-LN
+residual blocks, exact GELU, absolute position embeddings, MLM decoder tied to the word embeddings.
+
+Attention runs through ``F.scaled_dot_product_attention``. A cross-attention module can be switched to an
+explicit-softmax path (``save_attention = True``) that keeps the attention map and its gradient for
+Grad-CAM.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Keys of Hugging Face config.json files that carry no meaning for this model; accepted and ignored.
+_IGNORED_HF_KEYS = {
+    "architectures", "model_type", "transformers_version", "position_embedding_type", "use_cache",
+    "classifier_dropout", "torch_dtype", "dtype", "add_cross_attention", "is_decoder", "chunk_size_feed_forward",
+    "output_attentions", "output_hidden_states", "return_dict", "gradient_checkpointing", "_name_or_path",
+    "bos_token_id", "eos_token_id", "tie_word_embeddings",
+}
+
+
+@dataclass
+class BertConfig:
+    """Size and behaviour of the BERT text/fusion encoder (keys of the original ``config_bert.json``)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    fusion_layer: int = 6  # layers >= fusion_layer cross-attend to the image (the fusion encoder)
+    encoder_width: int = 768  # width of the image tokens that cross-attention reads (the ViT width)
+    grad_checkpointing: bool = False  # recompute each layer in the backward pass to save memory
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if not 0 <= self.fusion_layer <= self.num_hidden_layers:
+            raise ValueError(f"fusion_layer {self.fusion_layer} must lie in [0, {self.num_hidden_layers}]")
+        if self.hidden_act != "gelu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'gelu', as BERT)")
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>") -> "BertConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - _IGNORED_HF_KEYS)
+        if unknown:
+            raise ValueError(f"{source}: unknown BERT config key(s) {unknown}; known keys: {sorted(known)}")
+        values = {k: v for k, v in data.items() if k in known}
+        if "gradient_checkpointing" in data and "grad_checkpointing" not in data:
+            values["grad_checkpointing"] = bool(data["gradient_checkpointing"])
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path: Union[str, Path]) -> "BertConfig":
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _key_padding_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[B, L] 1/0 mask -> boolean [B, 1, 1, L] (True = attend), the form SDPA broadcasts over heads/queries."""
+    if mask is None:
+        return None
+    return mask[:, None, None, :].bool()
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # Persistent, as in the original checkpoints (they carry `...embeddings.position_ids`).
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        x = self.word_embeddings(input_ids)
+        x = x + self.token_type_embeddings.weight[0]  # token_type_ids are always 0 in ALBEF
+        x = x + self.position_embeddings(self.position_ids[:, :seq_len])
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention; keys/values come from the text itself or, for cross-attention, from the image."""
+
+    def __init__(self, config: BertConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        kv_width = config.encoder_width if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.is_cross_attention = is_cross_attention
+        # Grad-CAM support: when True, attention is computed with an explicit softmax and the map and its
+        # gradient are kept in `attention_map` / `attention_gradients`.
+        self.save_attention = False
+        self.attention_map: Optional[torch.Tensor] = None
+        self.attention_gradients: Optional[torch.Tensor] = None
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
+
+    def forward(self, hidden_states: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                kv_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        kv = hidden_states if kv_states is None else kv_states
+        q = self._split_heads(self.query(hidden_states))
+        k = self._split_heads(self.key(kv))
+        v = self._split_heads(self.value(kv))
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.save_attention:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(dim=-1)
+            self.attention_map = probs
+            if probs.requires_grad:
+                probs.register_hook(self._save_gradients)
+            out = F.dropout(probs, dropout_p, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        b, _, n, _ = out.shape
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+    def _save_gradients(self, grad: torch.Tensor) -> None:
+        self.attention_gradients = grad
+
+
+class BertSelfOutput(nn.Module):
+    """Projection + dropout + post-LN residual after an attention block."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.self = BertSelfAttention(config, is_cross_attention)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, attn_mask=None, kv_states=None):
+        return self.output(self.self(hidden_states, attn_mask, kv_states), hidden_states)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertLayer(nn.Module):
+    """Self-attention -> (cross-attention, fusion layers only) -> feed-forward; each block post-LN."""
+
+    def __init__(self, config: BertConfig, layer_num: int):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.has_cross_attention = layer_num >= config.fusion_layer
+        if self.has_cross_attention:
+            self.crossattention = BertAttention(config, is_cross_attention=True)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, attn_mask=None, encoder_hidden_states=None, encoder_mask=None):
+        x = self.attention(hidden_states, attn_mask)
+        if self.has_cross_attention:
+            if encoder_hidden_states is None:
+                raise ValueError("a fusion layer needs encoder_hidden_states (the image tokens)")
+            x = self.crossattention(x, encoder_mask, encoder_hidden_states)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
+
+    def layer_range(self, mode: str) -> range:
+        fusion, total = self.config.fusion_layer, self.config.num_hidden_layers
+        if mode == "text":
+            return range(0, fusion)
+        if mode == "fusion":
+            return range(fusion, total)
+        if mode == "multi_modal":
+            return range(0, total)
+        raise ValueError(f"mode must be 'text', 'fusion' or 'multi_modal', got {mode!r}")
+
+    def forward(self, hidden_states, attn_mask=None, encoder_hidden_states=None, encoder_mask=None,
+                mode: str = "multi_modal"):
+        for i in self.layer_range(mode):
+            enc, enc_mask = encoder_hidden_states, encoder_mask
+            if isinstance(enc, (list, tuple)):  # several images (NLVR2): fusion layer l reads image (l-f) mod n
+                j = (i - self.config.fusion_layer) % len(enc)
+                enc, enc_mask = enc[j], (enc_mask[j] if enc_mask is not None else None)
+            layer = self.layer[i]
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states = checkpoint(layer, hidden_states, attn_mask, enc, enc_mask, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, attn_mask, enc, enc_mask)
+        return hidden_states
+
+
+class BertModel(nn.Module):
+    """Embeddings + encoder, no pooler (ALBEF never uses one). Returns the last hidden states [B, L, D]."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        encoder_embeds: Optional[torch.Tensor] = None,
+        encoder_hidden_states: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
+        encoder_attention_mask: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
+        mode: str = "multi_modal",
+        is_decoder: bool = False,
+    ) -> torch.Tensor:
+        """Run the layers that ``mode`` selects.
+
+        Args:
+            input_ids: [B, L] token ids (``'text'`` / ``'multi_modal'``).
+            attention_mask: [B, L] 1 for real tokens, 0 for padding.
+            encoder_embeds: [B, L, D] hidden states to start from instead of embedding ``input_ids``
+                (``'fusion'`` mode: the text encoder's output).
+            encoder_hidden_states: [B, N, encoder_width] image tokens for cross-attention (or a list, one per
+                image, for multi-image inputs).
+            encoder_attention_mask: [B, N] mask of the image tokens; None means all visible.
+            mode: ``'text'``, ``'fusion'`` or ``'multi_modal'``.
+            is_decoder: causal self-attention (answer decoders).
+        """
+        x = self.embeddings(input_ids) if encoder_embeds is None else encoder_embeds
+        attn_mask = _key_padding_mask(attention_mask)
+        if is_decoder:
+            n = x.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[None, None]
+            attn_mask = causal if attn_mask is None else attn_mask & causal
+        if isinstance(encoder_attention_mask, (list, tuple)):
+            enc_mask = [_key_padding_mask(m) for m in encoder_attention_mask]
+        else:
+            enc_mask = _key_padding_mask(encoder_attention_mask)
+        return self.encoder(x, attn_mask, encoder_hidden_states, enc_mask, mode)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias  # one tensor under both names, as in HF / the original checkpoints
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, x):
+        return self.predictions(x)
+
+
+class BertForMaskedLM(nn.Module):
+    """``bert`` + MLM head ``cls`` whose decoder weight is the word-embedding matrix."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertOnlyMLMHead(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                mode: str = "multi_modal") -> torch.Tensor:
+        """MLM logits [B, L, vocab] of the full text + fusion stack on (possibly masked) ``input_ids``."""
+        hidden = self.bert(input_ids, attention_mask, encoder_hidden_states=encoder_hidden_states,
+                           encoder_attention_mask=encoder_attention_mask, mode=mode)
+        return self.cls(hidden)
+
+
+@torch.no_grad()
+def init_bert_weights(module: nn.Module, initializer_range: float = 0.02) -> None:
+    """BERT's initialisation: N(0, initializer_range) for Linear/Embedding, zero bias and padding row, LN 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, initializer_range)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            m.weight.normal_(0.0, initializer_range)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+    for m in module.modules():  # the MLM bias is a bare Parameter
+        if isinstance(m, BertLMPredictionHead):
+            m.bias.zero_()

@@ -1,0 +1,109 @@
+"""ALBEF's objectives as plain functions: ITC with momentum distillation, ITM hard negatives, MLM masking and loss.
+
+Everything here is vectorised (no per-sample Python loops, no host syncs), so it is safe inside the
+training step and under ``torch.compile``. Probabilities and logits are computed in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``mean_i( -sum_j targets_ij * log_softmax(logits)_ij )`` (rows of ``targets`` sum to 1)."""
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
+
+
+def distill_targets(teacher_logits: torch.Tensor, hard_targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Momentum-distillation targets ``alpha * softmax(teacher) + (1 - alpha) * hard_targets``."""
+    return alpha * F.softmax(teacher_logits.float(), dim=1) + (1 - alpha) * hard_targets
+
+
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_all: torch.Tensor,
+             text_feat_all: torch.Tensor, temp: torch.Tensor, targets_i2t: torch.Tensor,
+             targets_t2i: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image-text contrastive loss of student queries against momentum keys (current batch + queue).
+
+    Args:
+        image_feat, text_feat: [B, E] normalised student features.
+        image_feat_all, text_feat_all: [E, B + Q] normalised momentum features of the batch, then the queue.
+        temp: scalar temperature.
+        targets_i2t, targets_t2i: [B, B + Q] target distributions.
+
+    Returns:
+        (loss_ita, sim_i2t, sim_t2i): the loss ``(L_i2t + L_t2i) / 2`` and the student similarities / temp.
+    """
+    sim_i2t = image_feat.float() @ text_feat_all / temp
+    sim_t2i = text_feat.float() @ image_feat_all / temp
+    loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: Optional[torch.Generator] = None
+                          ) -> torch.Tensor:
+    """For each row, draw one in-batch negative column with probability ``softmax(sim)`` (ITM hard negatives).
+
+    Columns where ``same`` is True (the positive itself, and any other sample of the same image) are never
+    drawn. A row whose remaining probability underflows to zero falls back to a uniform draw over its
+    allowed columns; a row with no allowed column at all (every sample in the batch is the same image)
+    falls back to its first other column, so sampling never fails.
+
+    Args:
+        sim: [B, B] similarities (student query vs in-batch momentum keys, divided by temp).
+        same: [B, B] bool, True where column j must not be a negative for row i.
+    Returns:
+        [B] int64 indices of the sampled negatives.
+    """
+    weights = F.softmax(sim.float(), dim=1).masked_fill(same, 0.0)
+    allowed = (~same).float()
+    empty = weights.sum(dim=1, keepdim=True) <= 0
+    weights = torch.where(empty, allowed, weights)
+    if same.shape[0] > 1:  # nothing allowed at all: any column other than the row itself
+        nothing_allowed = allowed.sum(dim=1, keepdim=True) == 0
+        not_self = 1.0 - torch.eye(sim.shape[0], device=sim.device)
+        weights = torch.where(nothing_allowed, not_self, weights)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mask_token_id: int, pad_token_id: int,
+                cls_token_id: int, mlm_probability: float = 0.15, generator: Optional[torch.Generator] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking as the original ALBEF: returns ``(masked_ids, labels)``.
+
+    Each token is selected with ``mlm_probability`` ([PAD] and [CLS] never); of the selected, 80 % become
+    [MASK], 10 % a random id in ``[0, vocab_size)`` and 10 % stay unchanged. ``labels`` holds the original
+    id at selected positions and -100 elsewhere.
+    """
+    device = input_ids.device
+
+    def bernoulli(p: float) -> torch.Tensor:
+        return torch.rand(input_ids.shape, device=device, generator=generator) < p
+
+    selected = bernoulli(mlm_probability) & (input_ids != pad_token_id) & (input_ids != cls_token_id)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    replaced = bernoulli(0.8) & selected
+    randomised = bernoulli(0.5) & selected & ~replaced
+    random_ids = torch.randint(vocab_size, input_ids.shape, device=device, generator=generator)
+    masked = torch.where(replaced, torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(randomised, random_ids, masked)
+    return masked, labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_labels: Optional[torch.Tensor] = None,
+             alpha: float = 0.0) -> torch.Tensor:
+    """Masked-LM loss ``(1 - alpha) * CE(logits, labels) + alpha * mean_masked( -sum_v q_v log p_v )``.
+
+    Averages over positions with ``labels != -100``; ``soft_labels`` [B, L, V] are the momentum model's
+    probabilities. A batch with no masked token gives 0 (not NaN), without a host sync.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    selected = labels != -100
+    count = selected.sum().clamp(min=1)
+    ce = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    loss = (ce * selected).sum() / count
+    if soft_labels is not None:
+        distill = -(log_probs * soft_labels).sum(dim=-1)
+        loss = (1 - alpha) * loss + alpha * (distill * selected).sum() / count
+    return loss

@@ -1,0 +1,151 @@
+"""Initialising ALBEF from public weights: Hugging Face BERT for the text side, DeiT/timm ViT for the image side.
+
+Names are resolved offline-first: a local folder or file is used as is; a hub name is looked up in the local
+Hugging Face cache; only when it is not cached and the hub is reachable is it downloaded. When it cannot be
+had, one clear error names the missing weights at once (no minute of hub retries).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Dict, Iterable, Optional
+from urllib.parse import urlparse
+
+import torch
+
+from models.vit import interpolate_pos_embed
+
+
+class MissingWeightsError(FileNotFoundError):
+    pass
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_hf_path(name: str, what: str, files: Iterable[str] = ("config.json",)) -> str:
+    """Return a local folder for ``name`` (a folder, or a hub repo id that is cached or downloadable).
+
+    Raises:
+        MissingWeightsError: naming ``name`` and what to do, when it is neither local, cached nor reachable.
+    """
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise MissingWeightsError(f"{what} {name!r} must be a folder (save_pretrained layout) or a hub name")
+    from huggingface_hub import snapshot_download
+
+    try:  # the local cache, no network
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        pass
+    hint = (f"put a local copy in a folder and set it in the config, or on a connected machine run "
+            f"`huggingface-cli download {name}` to fill the cache")
+    if _hub_offline():
+        raise MissingWeightsError(f"{what} {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                                  f"set: {hint}")
+    if not _hub_reachable():
+        raise MissingWeightsError(f"{what} {name!r} is not in the local Hugging Face cache and the hub cannot be "
+                                  f"reached: {hint}")
+    return snapshot_download(name)
+
+
+def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` or ``.pth/.bin`` state dict safely (``weights_only``), unwrapping ``'model'``/``'state_dict'``."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({e}); only plain tensor "
+                         "checkpoints are accepted") from e
+    for key in ("model", "state_dict", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def load_bert_weights(text_encoder: torch.nn.Module, name_or_path: str) -> None:
+    """Load Hugging Face BERT weights (``BertModel``/``BertForMaskedLM``/``BertForPreTraining`` layouts) into a
+    :class:`models.bert.BertForMaskedLM`.
+
+    Only the new cross-attention blocks may stay uninitialised; any other missing key is an error. The pooler
+    and next-sentence head are ignored.
+    """
+    folder = resolve_hf_path(name_or_path, what="BERT weights")
+    sd = None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(folder, fname)):
+            sd = load_state_dict_file(os.path.join(folder, fname))
+            break
+    if sd is None:
+        raise MissingWeightsError(f"no model.safetensors or pytorch_model.bin in {folder} (BERT weights {name_or_path!r})")
+    mapped = {}
+    for k, v in sd.items():
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if k.startswith(("bert.pooler.", "pooler.", "cls.seq_relationship.")):
+            continue
+        if not k.startswith(("bert.", "cls.")):
+            k = "bert." + k  # a plain BertModel checkpoint
+        mapped[k] = v
+    if "cls.predictions.decoder.weight" not in mapped and "bert.embeddings.word_embeddings.weight" in mapped:
+        mapped["cls.predictions.decoder.weight"] = mapped["bert.embeddings.word_embeddings.weight"]
+    if "cls.predictions.bias" in mapped:
+        mapped.setdefault("cls.predictions.decoder.bias", mapped["cls.predictions.bias"])
+    expected = text_encoder.state_dict()
+    for k, v in mapped.items():
+        if k in expected and expected[k].shape != v.shape:
+            raise ValueError(f"BERT weights {name_or_path!r}: {k} has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(expected[k].shape)} (check bert_config against the checkpoint)")
+    missing, unexpected = text_encoder.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if ".crossattention." not in k and not k.endswith("position_ids")
+               and not k.startswith("cls.")]
+    if missing or unexpected:
+        raise ValueError(f"BERT weights {name_or_path!r} do not fit the text encoder: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    text_encoder.tie_weights()
+
+
+def load_vit_weights(vit: torch.nn.Module, name_or_path: str) -> None:
+    """Initialise the ViT from a DeiT/timm checkpoint: a ``.pth``/``.safetensors`` file (the official DeiT file
+    ``deit_base_patch16_224-b5f2ef4d.pth`` has its weights under ``'model'``) or a timm model name such as
+    ``deit_base_patch16_224.fb_in1k`` (fetched through timm's hub cache). The position embedding is resized to
+    the model's grid; the classifier head is dropped; any other mismatch is an error.
+    """
+    if os.path.isfile(name_or_path):
+        sd = load_state_dict_file(name_or_path)
+    else:
+        import timm
+
+        repo = f"timm/{name_or_path}" if "/" not in name_or_path else name_or_path
+        folder = resolve_hf_path(repo, what="ViT weights", files=("model.safetensors",))
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(folder, f))]
+        if not files:
+            raise MissingWeightsError(f"no model.safetensors or pytorch_model.bin in {folder} (ViT weights "
+                                      f"{name_or_path!r}); timm {timm.__version__}")
+        sd = load_state_dict_file(os.path.join(folder, files[0]))
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist.", "fc_norm.", "dist_token"))}
+    if "pos_embed" in sd:
+        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.patch_embed.num_patches)
+    missing, unexpected = vit.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"ViT weights {name_or_path!r} do not fit the image encoder: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+
+
+def optional(value: Optional[str]) -> Optional[str]:
+    return value if value not in (None, "", "none", "null") else None

@@ -1,0 +1,126 @@
+"""Process-group helpers with one code path for a single process and for torchrun / SLURM.
+
+Every function works without an initialised process group (world size 1), so models and the engine never
+branch on "distributed or not".
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+    device: torch.device = torch.device("cpu")
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def _env_int(*names: str, default: int = -1) -> int:
+    for n in names:
+        if os.environ.get(n, "") != "":
+            return int(os.environ[n])
+    return default
+
+
+def init_distributed(device: str = "cuda") -> DistInfo:
+    """Initialise from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``/
+    ``SLURM_LOCALID``; needs ``MASTER_ADDR``, defaults ``MASTER_PORT`` to 29500) environment variables, else run
+    as a single process. Picks NCCL on CUDA and gloo on CPU; sets the CUDA device to the local rank.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID")
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    use_cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"device {device!r} asked for but CUDA is not available: running on the CPU")
+    if rank < 0 or world < 1 or (world == 1 and "RANK" not in os.environ):
+        dev = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        return DistInfo(device=dev)
+    if "RANK" not in os.environ:  # SLURM: export what env:// initialisation reads
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("SLURM launch without MASTER_ADDR: export MASTER_ADDR=<first node's hostname> "
+                               "(e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))")
+    if use_cuda:
+        dev = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=30))
+    dist.barrier()
+    return DistInfo(rank=rank, world_size=world, local_rank=local, distributed=True, device=dev)
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (rank order); identity in a single process."""
+    world = get_world_size()
+    if world == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(out, tensor)
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if get_world_size() == 1:
+        return obj
+    box: List[Any] = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
