@@ -1,0 +1,33 @@
+# make demo: set up .venv, generate the synthetic world, pre-train a tiny ALBEF on CPU, print zero-shot R@K
+# make test: set up .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= data/synthetic
+OUT ?= output/demo
+PYTEST_ARGS ?=
+
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m dataset.synthetic --out $(DATA)
+	$(PY) Pretrain.py --config configs/Pretrain_tiny.yaml --output_dir $(OUT) --device cpu
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/bench_pretrain.py
+
+clean:
+	rm -rf $(OUT) $(DATA)
