@@ -20,7 +20,7 @@ import torch
 
 from dataset import CaptionCollator, create_loader, create_sampler
 from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
-from dataset.transforms import AugmentConfig, test_transform, train_transform
+from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.retrieval import itc_retrieval
 from engine.trainer import Trainer, TrainOptions, print0
 from models.albef import ALBEF, ALBEFConfig
@@ -198,7 +198,7 @@ def main(argv=None) -> Dict[str, float]:
     results: Dict[str, float] = {}
     after_epoch = None
     if cfg.test_file:
-        test_set = RetrievalEvalDataset(cfg.test_file, test_transform(cfg.image_res), cfg.image_root,
+        test_set = RetrievalEvalDataset(cfg.test_file, eval_transform(cfg.image_res), cfg.image_root,
                                         cfg.max_words)
         test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.batch_size_test,
                                                   num_workers=min(cfg.num_workers, 2))

@@ -41,7 +41,7 @@ def train_transform(image_res: int, cfg: AugmentConfig) -> T.Compose:
     return T.Compose(ops + _to_normalized_tensor())
 
 
-def test_transform(image_res: int) -> T.Compose:
+def eval_transform(image_res: int) -> T.Compose:
     """Bicubic resize to a square (aspect ratio not kept), as the original evaluation."""
     return T.Compose([T.Resize((image_res, image_res), interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
                      + _to_normalized_tensor())

@@ -18,7 +18,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine import checkpoint as ckpt
 from utils import distributed as du
@@ -133,9 +132,7 @@ class Trainer:
         self.log = JsonLog(output_dir, du.is_main_process())
         module = torch.compile(self.model) if opts.compile else self.model
         if du.get_world_size() > 1:
-            # Queues are identical on every rank by construction: no per-step buffer broadcast.
-            module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-                         broadcast_buffers=False)
+            module = du.wrap_ddp(module, device)
         self.train_module = module
 
     # -------------------------------------------------------------------------------- checkpoints

@@ -124,3 +124,13 @@ def all_gather_object(obj: Any) -> List[Any]:
     out: List[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP without per-step buffer broadcasts (ALBEF's queues are kept identical on every rank by gathering),
+    after one broadcast of rank 0's buffers so they start identical (DDP itself then syncs only parameters)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

@@ -1,0 +1,109 @@
+"""Config loading: original keys and spelling, new keys, overrides, and errors that name the file and key."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from Pretrain import PretrainConfig
+from utils.config import ConfigError, load_config, parse_overrides, save_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(tmp_path, data, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if isinstance(data, dict) else data)
+    return str(p)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "Pretrain*.yaml"))))
+def test_every_shipped_pretrain_config_validates(path):
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.train_file
+    bert = cfg.bert(path)
+    assert bert.encoder_width == cfg.vit.embed_dim == cfg.vision_width
+
+
+def test_original_pretrain_yaml_values():
+    cfg = load_config(PretrainConfig, os.path.join(ROOT, "configs", "Pretrain.yaml"))
+    assert (cfg.image_res, cfg.batch_size, cfg.queue_size, cfg.momentum, cfg.alpha) == (256, 64, 65536, 0.995, 0.4)
+    assert cfg.mlm_probability == 0.15 and cfg.embed_dim == 256 and cfg.temp == 0.07
+    assert cfg.optimizer.opt == "adamW" and cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 0.02
+    s = cfg.scheduler  # read from the original's misspelt `schedular`
+    assert (s.epochs, s.min_lr, s.warmup_lr, s.warmup_epochs) == (30, 1e-5, 1e-5, 20)
+    assert s.num_warmup_steps() == 2000
+    assert (cfg.vit.patch_size, cfg.vit.embed_dim, cfg.vit.depth, cfg.vit.num_heads) == (16, 768, 12, 12)
+    bert = cfg.bert("Pretrain.yaml")
+    assert (bert.fusion_layer, bert.num_hidden_layers, bert.vocab_size) == (6, 12, 30522)
+
+
+def test_yaml12_floats(tmp_path):
+    """`lr: 1e-4` is a float (PyYAML alone would read a string)."""
+    p = _write(tmp_path, "train_file: [a.json]\noptimizer: {opt: adamW, lr: 1e-4, weight_decay: 2e-2}\n")
+    cfg = load_config(PretrainConfig, p)
+    assert cfg.optimizer.lr == pytest.approx(1e-4) and cfg.optimizer.weight_decay == pytest.approx(0.02)
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = _write(tmp_path, {"train_file": ["a.json"], "optimizer": {"lr": 1e-4, "momentun": 0.9}})
+    with pytest.raises(ConfigError, match=r"c\.yaml.*optimizer\.momentun.*unknown"):
+        load_config(PretrainConfig, p)
+    p = _write(tmp_path, {"train_file": ["a.json"], "batchsize": 3})
+    with pytest.raises(ConfigError, match=r"c\.yaml.*batchsize"):
+        load_config(PretrainConfig, p)
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = _write(tmp_path, {"train_file": ["a.json"], "batch_size": "sixty"})
+    with pytest.raises(ConfigError, match=r"batch_size: expected an integer"):
+        load_config(PretrainConfig, p)
+    p = _write(tmp_path, {"train_file": ["a.json"], "augment": {"hflip": "yes please"}})
+    with pytest.raises(ConfigError, match=r"augment\.hflip: expected true/false"):
+        load_config(PretrainConfig, p)
+    p = _write(tmp_path, {"train_file": ["a.json"], "vit": {"embed_dim": 100, "num_heads": 3}})
+    with pytest.raises(ConfigError, match=r"vit.*multiple"):
+        load_config(PretrainConfig, p)
+
+
+def test_missing_file_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PretrainConfig, str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="train_file is required"):
+        load_config(PretrainConfig, _write(tmp_path, {"batch_size": 4}))
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(PretrainConfig, _write(tmp_path, {"train_file": "a.json", "precision": "fp8"}))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(PretrainConfig, _write(tmp_path, "a: [1, 2\n"))
+
+
+def test_overrides_and_alias(tmp_path):
+    p = _write(tmp_path, {"train_file": ["a.json"], "schedular": {"epochs": 3}})
+    cfg = load_config(PretrainConfig, p, ["optimizer.lr=2e-4", "batch_size=32", "schedular.epochs=5",
+                                          "vit.depth=2", "text_encoder=null", "tokenizer=tok"])
+    assert cfg.optimizer.lr == 2e-4 and cfg.batch_size == 32 and cfg.scheduler.epochs == 5
+    assert cfg.vit.depth == 2 and cfg.text_encoder is None and cfg.tokenizer == "tok"
+    assert cfg.scheduler.min_lr == 1e-5  # untouched keys keep the file's / default values
+    with pytest.raises(ConfigError, match="batch_size: expected an integer"):
+        load_config(PretrainConfig, p, ["batch_size=abc"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["batch_size"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(PretrainConfig, os.path.join(ROOT, "configs", "Pretrain.yaml"), ["batch_size=7"])
+    out = tmp_path / "config.yaml"
+    save_config(cfg, str(out))
+    again = load_config(PretrainConfig, str(out))
+    assert again == cfg
+
+
+def test_inline_bert_config(tmp_path):
+    p = _write(tmp_path, {"train_file": "a.json", "bert_config": {"hidden_size": 64, "num_attention_heads": 2,
+                                                                  "vocab_size": 99, "fusion_layer": 1,
+                                                                  "num_hidden_layers": 2, "encoder_width": 64}})
+    bert = load_config(PretrainConfig, p).bert(p)
+    assert bert.hidden_size == 64 and bert.vocab_size == 99
+    p = _write(tmp_path, {"train_file": "a.json", "bert_config": {"hidden_sise": 64}})
+    with pytest.raises(ValueError, match="hidden_sise"):
+        load_config(PretrainConfig, p).bert(p)
