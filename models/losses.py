@@ -46,9 +46,10 @@ def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: Opti
     """For each row, draw one in-batch negative column with probability ``softmax(sim)`` (ITM hard negatives).
 
     Columns where ``same`` is True (the positive itself, and any other sample of the same image) are never
-    drawn. A row whose remaining probability underflows to zero falls back to a uniform draw over its
-    allowed columns; a row with no allowed column at all (every sample in the batch is the same image)
-    falls back to its first other column, so sampling never fails.
+    drawn: they are masked before the softmax, which gives the original's distribution (softmax over the
+    row, masked columns zeroed, renormalised) without its float32 underflow when the positive dominates.
+    A row with no allowed column at all (every sample in the batch is the same image) draws uniformly among
+    the other columns (its own column only when the batch has one sample), so sampling never fails.
 
     Args:
         sim: [B, B] similarities (student query vs in-batch momentum keys, divided by temp).
@@ -56,14 +57,13 @@ def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: Opti
     Returns:
         [B] int64 indices of the sampled negatives.
     """
-    weights = F.softmax(sim.float(), dim=1).masked_fill(same, 0.0)
-    allowed = (~same).float()
-    empty = weights.sum(dim=1, keepdim=True) <= 0
-    weights = torch.where(empty, allowed, weights)
-    if same.shape[0] > 1:  # nothing allowed at all: any column other than the row itself
-        nothing_allowed = allowed.sum(dim=1, keepdim=True) == 0
-        not_self = 1.0 - torch.eye(sim.shape[0], device=sim.device)
-        weights = torch.where(nothing_allowed, not_self, weights)
+    b = sim.shape[0]
+    logits = sim.float().masked_fill(same, float("-inf"))
+    nothing_allowed = same.all(dim=1, keepdim=True)
+    fallback = torch.zeros_like(logits)
+    if b > 1:
+        fallback = fallback.masked_fill(torch.eye(b, dtype=torch.bool, device=sim.device), float("-inf"))
+    weights = F.softmax(torch.where(nothing_allowed, fallback, logits), dim=1)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 

@@ -1,0 +1,102 @@
+"""Pretrain.py end to end on a tiny synthetic world: logs, checkpoints, evaluation, exact resume, --checkpoint."""
+import json
+import os
+
+import pytest
+import torch
+
+import Pretrain
+from engine.checkpoint import latest_checkpoint
+from tests.conftest import write_tiny_config
+
+LOG_KEYS = {"train_loss_mlm", "train_loss_ita", "train_loss_itm", "train_lr", "epoch"}
+
+
+def _run(config, out, *extra):
+    return Pretrain.main(["--config", config, "--output_dir", str(out), "--device", "cpu", *extra])
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory, tiny_world):
+    d = tmp_path_factory.mktemp("full")
+    config = write_tiny_config(d / "tiny.yaml", tiny_world)
+    results = _run(config, d / "out")
+    return config, d / "out", results
+
+
+def test_outputs_and_log_lines(two_epoch_run):
+    _, out, results = two_epoch_run
+    lines = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    for x in lines:
+        assert LOG_KEYS <= set(x) and all(isinstance(x[k], float) for k in LOG_KEYS - {"epoch"})
+        assert "test_img_r1" in x and "test_r_mean" in x
+    assert lines[0]["train_lr"] != round(lines[0]["train_lr"], 3) or lines[0]["train_lr"] == 0  # full precision
+    for name in ("config.yaml", "checkpoint_00.pth", "checkpoint_01.pth", "eval_test.json"):
+        assert (out / name).exists(), name
+    evaluation = json.loads((out / "eval_test.json").read_text())
+    assert evaluation == results and set(evaluation) >= {"img_r1", "img_r5", "img_r10", "txt_r1", "r_mean"}
+    assert all(0 <= v <= 100 for v in evaluation.values())
+    assert latest_checkpoint(str(out)).endswith("checkpoint_01.pth")
+
+
+def test_checkpoint_contents(two_epoch_run):
+    _, out, _ = two_epoch_run
+    state = torch.load(out / "checkpoint_01.pth", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "scaler", "config", "epoch", "step", "rng_state"} <= set(state)
+    assert state["epoch"] == 1 and state["step"] == 2 * (64 // 8)
+    sd = state["model"]
+    assert {"image_queue", "text_queue", "queue_ptr", "temp", "text_encoder.cls.predictions.bias",
+            "visual_encoder_m.pos_embed"} <= set(sd)
+    assert int(sd["queue_ptr"]) == (2 * 64) % 64  # 16 steps of 8 features into a queue of 64
+    assert state["config"]["batch_size"] == 8
+
+
+def test_tensorboard_scalars(two_epoch_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out, _ = two_epoch_run
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss_ita", "train/loss_itm", "train/loss_mlm", "train/lr", "epoch/test_img_r1"} <= tags
+    assert len(acc.Scalars("train/loss_ita")) >= 2
+
+
+def test_resume_equals_uninterrupted_run(two_epoch_run, tmp_path):
+    config, full_out, _ = two_epoch_run
+    out = tmp_path / "out"
+    _run(config, out, "--exit_after_epochs", "1")
+    assert (out / "checkpoint_00.pth").exists() and not (out / "checkpoint_01.pth").exists()
+    _run(config, out, "--resume")
+    a = torch.load(full_out / "checkpoint_01.pth", map_location="cpu", weights_only=False)
+    b = torch.load(out / "checkpoint_01.pth", map_location="cpu", weights_only=False)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["step"] == b["step"]
+    lines = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+
+
+def test_checkpoint_initialises_weights(two_epoch_run, tmp_path):
+    config, full_out, _ = two_epoch_run
+    out = tmp_path / "out"
+    _run(config, out, "--checkpoint", str(full_out / "checkpoint_01.pth"), "--options", "schedular.epochs=1",
+         "optimizer.lr=0", "schedular.warmup_lr=0", "schedular.min_lr=0")
+    a = torch.load(full_out / "checkpoint_01.pth", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(out / "checkpoint_00.pth", map_location="cpu", weights_only=False)["model"]
+    # with lr 0 the online weights stay those of the checkpoint
+    assert torch.equal(a["text_encoder.bert.embeddings.word_embeddings.weight"],
+                       b["text_encoder.bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(a["visual_encoder.blocks.0.attn.qkv.weight"], b["visual_encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_config_error_exit_code(tmp_path, tiny_world, capsys):
+    config = write_tiny_config(tmp_path / "bad.yaml", tiny_world, batch_sise=3)
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "Pretrain.py", "--config", config, "--output_dir", str(tmp_path / "o")],
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "batch_sise" in res.stderr and "bad.yaml" in res.stderr
