@@ -21,7 +21,11 @@ CONFIG, EPOCH, STEP, RNG, VERSION = "config", "epoch", "step", "rng_state", "ver
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain types (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -29,7 +33,8 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -60,10 +65,10 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 
 def load_training_state(path: str) -> Dict[str, Any]:
-    """Load a checkpoint written by this framework (it holds RNG states and numpy arrays, hence no weights_only)."""
+    """Load a training checkpoint written by this framework (tensors and plain types only: ``weights_only``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     for key in (MODEL, EPOCH):
         if key not in state:
             raise ValueError(f"{path} is not a training checkpoint of this framework (no {key!r} key); use "

@@ -375,6 +375,8 @@ def init_bert_weights(module: nn.Module, initializer_range: float = 0.02) -> Non
         elif isinstance(m, nn.LayerNorm):
             m.weight.fill_(1.0)
             m.bias.zero_()
-    for m in module.modules():  # the MLM bias is a bare Parameter
-        if isinstance(m, BertLMPredictionHead):
+    for m in module.modules():
+        if isinstance(m, BertLMPredictionHead):  # the MLM bias is a bare Parameter
             m.bias.zero_()
+        elif isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            m.weight[m.padding_idx].zero_()  # again: the tied MLM decoder (a Linear) re-drew this row

@@ -141,11 +141,12 @@ def load_vit_weights(vit: torch.nn.Module, name_or_path: str) -> None:
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist.", "fc_norm.", "dist_token"))}
     if "pos_embed" in sd:
         sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.patch_embed.num_patches)
+    expected = vit.state_dict()
+    for k, v in sd.items():
+        if k in expected and expected[k].shape != v.shape:
+            raise ValueError(f"ViT weights {name_or_path!r}: {k} has shape {tuple(v.shape)}, the image encoder "
+                             f"expects {tuple(expected[k].shape)} (check the vit: config)")
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"ViT weights {name_or_path!r} do not fit the image encoder: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}")
-
-
-def optional(value: Optional[str]) -> Optional[str]:
-    return value if value not in (None, "", "none", "null") else None

@@ -1,0 +1,586 @@
+"""A deterministic "synthetic world": images of 1-3 coloured shapes on varied backgrounds, with true captions.
+
+It is the built-in data set of the CPU demo and of the tests (no downloads). Every scene's full ground truth
+(background, and each object's shape, colour, size and pixel box) is written to ``scenes.json`` so that VQA,
+NLVR2, SNLI-VE and grounding sets can later be derived from the same scenes; :func:`relation` is the spatial
+relation the captions use.
+
+    python -m dataset.synthetic --out DIR [--seed 0] [--num-train 4000] [--num-val 200] [--num-test 200]
+                                [--image-size 96] [--captions-per-image 5]
+
+writes into ``DIR``:
+
+* ``images/{split}_{i:05d}.jpg``: RGB, ``image_size`` square, JPEG quality 90;
+* ``pretrain.json``: ``[{"image", "caption": [c1, ...]}]`` over the train images (paths relative to ``DIR``);
+* ``retrieval_train.json``: ``[{"image", "caption": str, "image_id": int}]``, one record per train caption;
+* ``retrieval_val.json``, ``retrieval_test.json``: ``[{"image", "caption": [c1, ...]}]``, one record per image;
+* ``scenes.json``: ``{"images": [{"image", "split", "width", "height", "background": {"kind", "color"},
+  "objects": [{"shape", "color", "size", "box": [x, y, w, h]}]}], "vocabulary": {...}}``;
+* ``tokenizer/``: a lower-casing BERT WordPiece tokenizer trained on all captions ([PAD]=0 [UNK]=1 [CLS]=2
+  [SEP]=3 [MASK]=4), loadable with ``transformers.AutoTokenizer.from_pretrained``;
+* ``manifest.json``: the arguments, the counts and :data:`VERSION` (written last; a directory whose manifest
+  records the same arguments and whose files all exist is reused as it is).
+
+Image ``i`` of a split depends only on ``(seed, split, i, image_size, captions_per_image)``, so the same
+arguments give byte-identical files and the val/test scenes do not change with ``num_train``. Captions are
+lower-case words separated by single spaces and are true for their image: attribute phrases, background
+mentions, relations between two objects (from box centres, see :func:`relation`), exact counts and complete
+object lists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+VERSION = 1
+SPLITS = ("train", "val", "test")
+JPEG_QUALITY = 90
+SUPERSAMPLE = 2  # scenes are drawn at 2x and downsampled with LANCZOS (antialiasing)
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (220, 35, 35), "green": (40, 170, 60), "blue": (45, 90, 235), "yellow": (250, 220, 40),
+    "purple": (145, 55, 190), "orange": (250, 140, 25), "white": (250, 250, 250), "black": (20, 20, 20),
+}
+SIZES: Dict[str, float] = {"small": 0.18, "large": 0.35}  # side of the object's box, as a fraction of the image
+BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {
+    "white": (236, 236, 232), "gray": (150, 150, 150), "dark": (45, 48, 55), "beige": (225, 205, 160),
+    "pink": (240, 185, 200), "blue": (165, 205, 240),
+}
+BACKGROUND_KINDS = ("solid", "gradient", "noise")
+NUM_OBJECTS_WEIGHTS = {1: 0.25, 2: 0.40, 3: 0.35}
+RELATION_MARGIN = 0.12  # centres must differ by this fraction of the image side along the dominant axis
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TOKENIZER_VOCAB_SIZE = 512
+
+Scene = Dict[str, Any]
+Obj = Dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------- colours
+
+
+def _luma(rgb: Sequence[int]) -> float:
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def _color_distance(a: Sequence[int], b: Sequence[int]) -> float:
+    """'Redmean' weighted RGB distance (a cheap perceptual approximation)."""
+    r = (a[0] + b[0]) / 2
+    dr, dg, db = (a[0] - b[0]), (a[1] - b[1]), (a[2] - b[2])
+    return ((2 + r / 256) * dr * dr + 4 * dg * dg + (2 + (255 - r) / 256) * db * db) ** 0.5
+
+
+def _contrasts(obj_color: str, background: str) -> bool:
+    """An object colour is allowed on a background when both its lightness and its colour differ clearly."""
+    o, b = COLORS[obj_color], BACKGROUNDS[background]
+    return abs(_luma(o) - _luma(b)) >= 40 and _color_distance(o, b) >= 200
+
+
+ALLOWED_ON: Dict[str, Tuple[str, ...]] = {b: tuple(c for c in COLORS if _contrasts(c, b)) for b in BACKGROUNDS}
+
+
+# ----------------------------------------------------------------------------------------------- scenes
+
+
+def relation(box_a: Sequence[float], box_b: Sequence[float], image_size: int) -> Optional[str]:
+    """Where object ``a`` is relative to ``b``: ``'left'``, ``'right'``, ``'above'``, ``'below'`` or ``None``.
+
+    Uses the box centres and the dominant axis only: ``'left'`` means ``b``'s centre is further right than it is
+    up or down, by more than ``RELATION_MARGIN * image_size``. ``None`` when neither axis clears the margin.
+    """
+    dx = (box_b[0] + box_b[2] / 2) - (box_a[0] + box_a[2] / 2)
+    dy = (box_b[1] + box_b[3] / 2) - (box_a[1] + box_a[3] / 2)
+    margin = RELATION_MARGIN * image_size
+    if abs(dx) >= abs(dy) and abs(dx) > margin:
+        return "left" if dx > 0 else "right"
+    if abs(dy) > abs(dx) and abs(dy) > margin:
+        return "above" if dy > 0 else "below"
+    return None
+
+
+def _weighted_choice(rng: random.Random, weights: Dict[Any, float]) -> Any:
+    keys = list(weights)
+    return rng.choices(keys, weights=[weights[k] for k in keys])[0]
+
+
+def _sample_attributes(rng: random.Random, n: int) -> List[Dict[str, str]]:
+    """``n`` objects' shape/colour/size; later objects sometimes repeat an earlier colour and/or shape (so that
+    counts such as "two red circles" occur)."""
+    objs: List[Dict[str, str]] = []
+    for _ in range(n):
+        shape, color, size = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES))
+        if objs:
+            u, ref = rng.random(), rng.choice(objs)
+            if u < 0.2:
+                shape, color = ref["shape"], ref["color"]
+            elif u < 0.35:
+                color = ref["color"]
+            elif u < 0.5:
+                shape = ref["shape"]
+        objs.append({"shape": shape, "color": color, "size": size})
+    return objs
+
+
+def _boxes_apart(a: Sequence[int], b: Sequence[int], gap: float) -> bool:
+    return (a[0] + a[2] + gap <= b[0] or b[0] + b[2] + gap <= a[0]
+            or a[1] + a[3] + gap <= b[1] or b[1] + b[3] + gap <= a[1])
+
+
+def _place(rng: random.Random, sides: Sequence[int], image_size: int) -> Optional[List[List[int]]]:
+    """Non-overlapping boxes ``[x, y, w, h]`` inside the image for squares of the given sides (or ``None``)."""
+    pad, gap = max(1, round(0.02 * image_size)), max(1.0, 0.03 * image_size)
+    boxes: List[List[int]] = []
+    for side in sides:
+        for _ in range(100):
+            x = rng.randint(pad, image_size - side - pad)
+            y = rng.randint(pad, image_size - side - pad)
+            box = [x, y, side, side]
+            if all(_boxes_apart(box, other, gap) for other in boxes):
+                boxes.append(box)
+                break
+        else:
+            return None
+    return boxes
+
+
+def sample_scene(rng: random.Random, image_size: int) -> Scene:
+    """A random scene: background ``{"kind", "color"}`` and 1-3 objects ``{"shape", "color", "size", "box"}``,
+    every object colour contrasting with the background."""
+    while True:
+        n = _weighted_choice(rng, NUM_OBJECTS_WEIGHTS)
+        attrs = _sample_attributes(rng, n)
+        backgrounds = [b for b in BACKGROUNDS if all(a["color"] in ALLOWED_ON[b] for a in attrs)]
+        if not backgrounds:
+            continue
+        sides = [max(3, round(SIZES[a["size"]] * image_size * rng.uniform(0.92, 1.08))) for a in attrs]
+        boxes = _place(rng, sides, image_size)
+        if boxes is None:
+            continue
+        background = {"kind": rng.choice(BACKGROUND_KINDS), "color": rng.choice(backgrounds)}
+        objects = [dict(a, box=box) for a, box in zip(attrs, boxes)]
+        return {"background": background, "objects": objects}
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def _unit_star(points: int = 5, inner: float = 0.5) -> List[Tuple[float, float]]:
+    angles = [np.pi / points * k - np.pi / 2 for k in range(2 * points)]
+    return [(float(np.cos(a)) * (1 if k % 2 == 0 else inner), float(np.sin(a)) * (1 if k % 2 == 0 else inner))
+            for k, a in enumerate(angles)]
+
+
+def _fit_unit(poly: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """Scale and shift a polygon so that its bounding box is exactly the unit square (boxes are then tight)."""
+    xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+    return [((x - min(xs)) / (max(xs) - min(xs)), (y - min(ys)) / (max(ys) - min(ys))) for x, y in poly]
+
+
+_A = 0.17  # half the width of the cross's arms
+UNIT_POLYGONS: Dict[str, List[Tuple[float, float]]] = {
+    "square": [(0, 0), (1, 0), (1, 1), (0, 1)],
+    "triangle": [(0.5, 0), (1, 1), (0, 1)],
+    "diamond": [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)],
+    "cross": [(0.5 - _A, 0), (0.5 + _A, 0), (0.5 + _A, 0.5 - _A), (1, 0.5 - _A), (1, 0.5 + _A), (0.5 + _A, 0.5 + _A),
+              (0.5 + _A, 1), (0.5 - _A, 1), (0.5 - _A, 0.5 + _A), (0, 0.5 + _A), (0, 0.5 - _A), (0.5 - _A, 0.5 - _A)],
+    "star": _fit_unit(_unit_star()),
+}
+
+
+def _jitter(rgb: Sequence[int], rng: np.random.Generator, amount: int) -> Tuple[int, int, int]:
+    return tuple(int(v) for v in np.clip(np.asarray(rgb) + rng.integers(-amount, amount + 1, 3), 0, 255))
+
+
+def _background(bg: Dict[str, str], side: int, rng: np.random.Generator) -> np.ndarray:
+    """An ``side x side x 3`` uint8 background: solid, a vertical/horizontal gradient, or a light noise texture."""
+    base = np.asarray(_jitter(BACKGROUNDS[bg["color"]], rng, 8), dtype=np.float32)
+    if bg["kind"] == "solid":
+        img = np.broadcast_to(base, (side, side, 3))
+    elif bg["kind"] == "gradient":
+        delta = float(rng.uniform(15, 30)) * (1 if rng.random() < 0.5 else -1)
+        ramp = np.linspace(-delta, delta, side, dtype=np.float32)
+        ramp = ramp[:, None] if rng.random() < 0.5 else ramp[None, :]  # vertical or horizontal
+        img = base + np.broadcast_to(ramp, (side, side))[..., None]
+    else:  # low-frequency blotches plus fine grain
+        coarse = rng.normal(0, 9, (6, 6)).astype(np.float32)
+        blotches = np.asarray(Image.fromarray(coarse).resize((side, side), Image.BICUBIC))
+        img = base + blotches[..., None] + 4 * rng.standard_normal((side, side, 1), dtype=np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw a scene at ``SUPERSAMPLE`` x resolution and downsample it to ``image_size`` (LANCZOS)."""
+    big = image_size * SUPERSAMPLE
+    img = Image.fromarray(_background(scene["background"], big, rng))
+    draw = ImageDraw.Draw(img)
+    for obj in scene["objects"]:
+        x, y, w, h = (v * SUPERSAMPLE for v in obj["box"])
+        fill = _jitter(COLORS[obj["color"]], rng, 10)
+        if obj["shape"] == "circle":
+            draw.ellipse([x, y, x + w - 1, y + h - 1], fill=fill)
+        else:
+            draw.polygon([(x + u * (w - 1), y + v * (h - 1)) for u, v in UNIT_POLYGONS[obj["shape"]]], fill=fill)
+    return img.resize((image_size, image_size), Image.LANCZOS)
+
+
+# ----------------------------------------------------------------------------------------------- captions
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _phrase(obj: Obj, with_size: bool, article: str = "a") -> str:
+    """``a red circle`` / ``a large red circle`` (``article`` ``"a"`` picks a/an, ``"the"`` or ``""``)."""
+    words = ([obj["size"]] if with_size else []) + [obj["color"], obj["shape"]]
+    text = " ".join(words)
+    if article == "a":
+        return f"{_article(words[0])} {text}"
+    return f"{article} {text}" if article else text
+
+
+def _same(obj: Obj, ref: Obj, with_size: bool) -> bool:
+    """Whether ``obj`` fits the description of ``ref`` (colour and shape, and size if ``with_size``)."""
+    return all(obj[k] == ref[k] for k in (("size", "color", "shape") if with_size else ("color", "shape")))
+
+
+def _cap_attribute(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+    o = rng.choice(scene["objects"])
+    s, c, h = o["size"], o["color"], o["shape"]
+    return rng.choice([
+        _phrase(o, True), _phrase(o, False), f"a {s} {h} that is {c}", f"a {s} shape that is {c}",
+        f"{_phrase(o, False)} that is {s}", f"there is {_phrase(o, True)}", f"an image of {_phrase(o, False)}",
+    ])
+
+
+def _cap_background(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+    o, b = rng.choice(scene["objects"]), scene["background"]["color"]
+    return rng.choice([
+        f"{_phrase(o, False)} on a {b} background", f"{_phrase(o, True)} on a {b} background",
+        f"a {b} background with {_phrase(o, False)}",
+    ])
+
+
+_REL_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of", "right of"],
+              "above": ["above"], "below": ["below"]}
+
+
+_OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+def _cap_relation(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+    """"a blue square to the left of a yellow star": two described objects in a clear relation, such that no
+    objects fitting the descriptions stand in the opposite relation (so the reversed caption is false)."""
+    objs = scene["objects"]
+    pairs = [(a, b) for a in objs for b in objs if a is not b and relation(a["box"], b["box"], image_size)]
+    for _ in range(8 if pairs else 0):
+        a, b = rng.choice(pairs)
+        rel = relation(a["box"], b["box"], image_size)
+        sa, sb = rng.random() < 0.4, rng.random() < 0.25
+        fits_a = [o for o in objs if _same(o, a, sa)]
+        fits_b = [o for o in objs if _same(o, b, sb)]
+        if any(x is not y and relation(x["box"], y["box"], image_size) == _OPPOSITE[rel]
+               for x in fits_a for y in fits_b):
+            continue
+        words = rng.choice(_REL_WORDS[rel])
+        if rng.random() < 0.3 and len(fits_a) == 1 and len(fits_b) == 1:
+            return f"{_phrase(a, sa, 'the')} is {words} {_phrase(b, sb, 'the')}"
+        return f"{_phrase(a, sa)} {words} {_phrase(b, sb)}"
+    return None
+
+
+def _cap_count_total(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+    n, b = len(scene["objects"]), scene["background"]["color"]
+    if n == 1:
+        o = scene["objects"][0]
+        return rng.choice([f"a single {o['size']} {o['color']} {o['shape']}", f"only one {o['color']} {o['shape']}",
+                           f"one shape on a {b} background", f"a single {o['color']} shape on a {b} background"])
+    word = NUMBERS[n]
+    return rng.choice([f"{word} shapes", f"there are {word} objects", f"{word} shapes on a {b} background",
+                       f"{word} objects on a {b} background"])
+
+
+def _cap_count_group(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+    """An exact count (>= 2) of objects sharing colour+shape, colour, shape or size."""
+    objs, options = scene["objects"], []
+    for keys in (("color", "shape"), ("color",), ("shape",), ("size",), ("size", "color")):
+        for value, count in sorted(Counter(tuple(o[k] for k in keys) for o in objs).items()):
+            if count < 2:
+                continue
+            attrs = dict(zip(keys, value))
+            noun = _plural(attrs["shape"]) if "shape" in attrs else "shapes"
+            words = [attrs[k] for k in ("size", "color") if k in attrs]
+            options.append(" ".join([NUMBERS[count]] + words + [noun]))
+    return rng.choice(options) if options else None
+
+
+def _cap_list(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+    """All the objects: "two objects a red circle and a blue square", "a picture with ...", "from left to right ..."."""
+    objs = list(scene["objects"])
+    with_size = rng.random() < 0.4
+    by_x = sorted(objs, key=lambda o: o["box"][0] + o["box"][2] / 2)
+    ordered = (len(objs) > 1 and all(relation(a["box"], b["box"], image_size) == "left" for a, b in zip(by_x, by_x[1:]))
+               and not all(_same(a, b, with_size) for a, b in zip(by_x, by_x[::-1])))  # the reverse must be false
+    form = rng.choice(["count", "picture", "plain"] + (["left_to_right"] if ordered else []))
+    if form == "left_to_right":
+        objs = by_x
+    else:
+        rng.shuffle(objs)
+    phrases = [_phrase(o, with_size) for o in objs]
+    listed = phrases[0] if len(phrases) == 1 else " ".join(phrases[:-1]) + " and " + phrases[-1]
+    n = len(objs)
+    if form == "count":
+        return f"{NUMBERS[n]} {'object' if n == 1 else 'objects'} {listed}"
+    if form == "picture":
+        return f"a picture with {listed}"
+    if form == "left_to_right":
+        return f"from left to right {listed}"
+    return listed if n > 1 else f"just {listed}"
+
+
+CaptionTemplate = Callable[[Scene, random.Random, int], Optional[str]]
+TEMPLATES: Dict[str, Tuple[CaptionTemplate, float]] = {  # name: (template, weight when choosing templates)
+    "list": (_cap_list, 3.0), "relation": (_cap_relation, 3.0), "background": (_cap_background, 2.0),
+    "attribute": (_cap_attribute, 2.0), "count_group": (_cap_count_group, 2.0),
+    "count_total": (_cap_count_total, 1.0),
+}
+
+
+def make_captions(scene: Scene, rng: random.Random, image_size: int, k: int) -> List[str]:
+    """``k`` distinct true captions, from different templates while untried templates remain (weighted order).
+
+    If a scene admits fewer than ``k`` distinct captions (only for very large ``k``) the list is padded by
+    repeating it."""
+    names = list(TEMPLATES)
+    order: List[str] = []
+    while names:  # a weighted random permutation of the templates
+        name = rng.choices(names, weights=[TEMPLATES[n][1] for n in names])[0]
+        order.append(name)
+        names.remove(name)
+    weights = {n: w for n, (_, w) in TEMPLATES.items()}
+    captions: List[str] = []
+    for attempt in range(50 * k):
+        if len(captions) == k:
+            break
+        name = order[attempt] if attempt < len(order) else _weighted_choice(rng, weights)
+        caption = TEMPLATES[name][0](scene, rng, image_size)
+        if caption and caption not in captions:
+            captions.append(caption)
+    distinct = list(captions)  # never empty: the attribute template always applies
+    return captions + [distinct[i % len(distinct)] for i in range(k - len(captions))]
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+# Words the derived sets (VQA questions and answers, NLVR2 / SNLI-VE statements, grounding phrases) are likely to
+# use, so that they are whole tokens too; ids are stable because the vocabulary is sorted.
+EXTRA_WORDS = ("what", "which", "where", "how", "many", "much", "color", "colour", "size", "kind", "number", "is",
+               "are", "does", "do", "has", "have", "contain", "contains", "any", "all", "both", "each", "either",
+               "neither", "no", "not", "yes", "true", "false", "in", "at", "least", "most", "more", "fewer", "than",
+               "same", "different", "exactly", "as", "it", "its", "image", "images", "pictures", "scene", "left",
+               "right", "top", "bottom", "middle", "center", "corner", "larger", "smaller", "bigger", "big",
+               "zero", "four", "five", "six", "other", "another", "together", "or", "some", "none",
+               "colored", "shaped", "next", "side", "near", "far", "between")
+
+
+def lexicon() -> List[str]:
+    """Every word the captions can use, plus :data:`EXTRA_WORDS` (all become whole tokens)."""
+    words = set(SHAPES) | {_plural(s) for s in SHAPES} | set(COLORS) | set(SIZES) | set(BACKGROUNDS)
+    words |= set(NUMBERS.values()) | {"a", "an", "the", "is", "are", "there", "that", "of", "on", "with", "and",
+                                      "to", "left", "right", "above", "below", "background", "shape", "shapes",
+                                      "object", "objects", "single", "only", "just", "picture", "image", "from"}
+    return sorted(words | set(EXTRA_WORDS))
+
+
+def train_tokenizer(captions: Iterable[str], out_dir: str, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> int:
+    """Train a lower-casing WordPiece tokenizer on ``captions`` (and :func:`lexicon`) and save it for
+    ``transformers``; returns the vocabulary size.
+
+    Specials are [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4. The trainer breaks ties between equally frequent
+    merges in hash-map order, which differs between processes, so only the tokens that do not depend on it are
+    kept: every whole word of the training text (training must make each one a token), every letter and digit
+    (also as ``##`` continuations) and ASCII punctuation. They are sorted, so the files are identical for
+    identical captions.
+    """
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    punctuation = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    corpus = list(captions) + [" ".join(lexicon())] * 2
+    words = {w for line in corpus for w in line.lower().split()}
+    wp = BertWordPieceTokenizer(lowercase=True, strip_accents=True, clean_text=True)
+    wp.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
+                           initial_alphabet=alphabet + punctuation, limit_alphabet=len(alphabet) + len(punctuation),
+                           show_progress=False)
+    trained = set(wp.get_vocab())
+    if not words <= trained:
+        raise ValueError(f"a WordPiece vocabulary of {vocab_size} cannot hold every caption word whole "
+                         f"(missing: {sorted(words - trained)[:10]})")
+    chars = set(alphabet) | {"##" + c for c in alphabet} | set(punctuation)
+    learned = sorted((t for t in trained if t in words or t in chars), key=lambda t: (t.startswith("##"), t))
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [t for t in learned if t not in SPECIAL_TOKENS])}
+    wp = BertWordPieceTokenizer(vocab, lowercase=True, strip_accents=True, clean_text=True)
+    tok = BertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                            cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True,
+                            model_max_length=512)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    _write_text(os.path.join(out_dir, "vocab.txt"), "".join(t + "\n" for t in vocab))  # in id order, always
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config.update(tokenizer_class="BertTokenizer", do_lower_case=True, model_max_length=512)
+    _write_json(config_path, config)
+    special = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+               "mask_token": "[MASK]"}
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+    return len(vocab)
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n")
+
+
+def image_path(split: str, index: int) -> str:
+    return f"images/{split}_{index:05d}.jpg"
+
+
+def _split_seed(seed: int, split: str, index: int) -> List[int]:
+    return [seed, SPLITS.index(split), index]
+
+
+def _make_image(out_dir: str, split: str, index: int, seed: int, image_size: int, k: int) -> Tuple[Scene, List[str]]:
+    """Sample, render and save one image; returns its scene record and its ``k`` captions."""
+    rng = random.Random("synthetic/{}/{}/{}".format(*_split_seed(seed, split, index)))
+    scene = sample_scene(rng, image_size)
+    captions = make_captions(scene, rng, image_size, k)
+    image = render_scene(scene, image_size, np.random.default_rng(_split_seed(seed, split, index)))
+    rel = image_path(split, index)
+    image.save(os.path.join(out_dir, rel), format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    record = {"image": rel, "split": split, "width": image_size, "height": image_size, **scene}
+    return record, captions
+
+
+def _expected_files(out_dir: str, counts: Dict[str, int]) -> List[str]:
+    files = ["pretrain.json", "retrieval_train.json", "retrieval_val.json", "retrieval_test.json", "scenes.json",
+             "tokenizer/vocab.txt", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+             "tokenizer/special_tokens_map.json"]
+    files += [image_path(s, i) for s in SPLITS for i in range(counts[s])]
+    return [os.path.join(out_dir, f) for f in files]
+
+
+def _outputs(out_dir: str) -> Dict[str, str]:
+    names = {"pretrain": "pretrain.json", "retrieval_train": "retrieval_train.json",
+             "retrieval_val": "retrieval_val.json", "retrieval_test": "retrieval_test.json",
+             "scenes": "scenes.json", "tokenizer": "tokenizer", "images": "images", "manifest": "manifest.json"}
+    return {k: os.path.join(out_dir, v) for k, v in names.items()}
+
+
+def _reusable(out_dir: str, args: Dict[str, int], counts: Dict[str, int]) -> bool:
+    try:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("version") == VERSION and manifest.get("args") == args
+            and all(os.path.isfile(p) for p in _expected_files(out_dir, counts)))
+
+
+def generate(out_dir: str, *, seed: int = 0, num_train: int = 4000, num_val: int = 200, num_test: int = 200,
+             image_size: int = 96, captions_per_image: int = 5) -> Dict[str, str]:
+    """Write the synthetic world into ``out_dir`` (see the module docstring) and return the paths written.
+
+    A directory whose ``manifest.json`` records the same arguments, with all files present, is reused without
+    regenerating; otherwise everything is rewritten (the manifest last) and stale images are removed.
+    """
+    if seed < 0 or min(num_train, num_val, num_test) < 0 or num_train < 1 or captions_per_image < 1:
+        raise ValueError("seed and counts must be non-negative, with num_train and captions_per_image >= 1")
+    if image_size < 16:
+        raise ValueError(f"image_size must be at least 16, got {image_size}")
+    args = {"seed": seed, "num_train": num_train, "num_val": num_val, "num_test": num_test,
+            "image_size": image_size, "captions_per_image": captions_per_image}
+    counts = {"train": num_train, "val": num_val, "test": num_test}
+    paths = _outputs(out_dir)
+    if _reusable(out_dir, args, counts):
+        print(f"synthetic world: reusing {out_dir} (manifest.json records the same arguments)")
+        return paths
+
+    if os.path.exists(paths["manifest"]):
+        os.remove(paths["manifest"])  # invalid until everything below is written
+    os.makedirs(paths["images"], exist_ok=True)
+    stale = re.compile(r"^(train|val|test)_(\d{5})\.jpg$")
+    for name in os.listdir(paths["images"]):  # images of an earlier, larger generation
+        m = stale.match(name)
+        if m and int(m.group(2)) >= counts[m.group(1)]:
+            os.remove(os.path.join(paths["images"], name))
+
+    results = [_make_image(out_dir, s, i, seed, image_size, captions_per_image)
+               for s in SPLITS for i in range(counts[s])]
+
+    by_split: Dict[str, List[Tuple[Scene, List[str]]]] = {s: [] for s in SPLITS}
+    for record, captions in results:
+        by_split[record["split"]].append((record, captions))
+    train = by_split["train"]
+    _write_json(paths["pretrain"], [{"image": r["image"], "caption": c} for r, c in train])
+    _write_json(paths["retrieval_train"], [{"image": r["image"], "caption": cap, "image_id": i}
+                                           for i, (r, c) in enumerate(train) for cap in c])
+    for split in ("val", "test"):
+        _write_json(paths[f"retrieval_{split}"], [{"image": r["image"], "caption": c} for r, c in by_split[split]])
+    vocabulary = {"shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES),
+                  "backgrounds": list(BACKGROUNDS), "background_kinds": list(BACKGROUND_KINDS)}
+    _write_json(paths["scenes"], {"images": [r for r, _ in results], "vocabulary": vocabulary})
+    vocab_size = train_tokenizer((cap for _, caps in results for cap in caps), paths["tokenizer"])
+    _write_json(paths["manifest"], {"version": VERSION, "args": args,
+                                    "counts": {**counts, "images": len(results),
+                                               "captions": sum(len(c) for _, c in results),
+                                               "tokenizer_vocab_size": vocab_size}})
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="Generate the synthetic image-caption world (deterministic).")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=4000)
+    p.add_argument("--num-val", type=int, default=200)
+    p.add_argument("--num-test", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--captions-per-image", type=int, default=5)
+    a = p.parse_args(argv)
+    start = time.time()
+    paths = generate(a.out, seed=a.seed, num_train=a.num_train, num_val=a.num_val, num_test=a.num_test,
+                     image_size=a.image_size, captions_per_image=a.captions_per_image)
+    with open(paths["manifest"]) as f:
+        counts = json.load(f)["counts"]
+    print(f"synthetic world in {a.out}: {counts['train']}/{counts['val']}/{counts['test']} train/val/test images, "
+          f"{counts['captions']} captions, tokenizer vocabulary {counts['tokenizer_vocab_size']} "
+          f"({time.time() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
