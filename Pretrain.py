@@ -21,6 +21,7 @@ import torch
 from dataset import CaptionCollator, create_loader, create_sampler
 from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
+from engine.checkpoint import latest_checkpoint
 from engine.retrieval import itc_retrieval
 from engine.trainer import Trainer, TrainOptions, print0
 from models.albef import ALBEF, ALBEFConfig
@@ -182,14 +183,16 @@ def main(argv=None) -> Dict[str, float]:
     optimizer = create_optimizer(model, cfg.optimizer)
     scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
     trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
+    existing = latest_checkpoint(args.output_dir)
     if args.resume:
-        from engine.checkpoint import latest_checkpoint
-
-        path = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+        path = existing if args.resume == "latest" else args.resume
         if path is None:
             print0(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
         else:
             trainer.resume(path)
+    elif existing:
+        print0(f"warning: {args.output_dir} already holds {os.path.basename(existing)}; starting a new run that "
+               "overwrites it (pass --resume to continue it instead)")
 
     def train_step(module, batch, ctx):
         alpha = cfg.alpha if ctx.epoch > 0 else cfg.alpha * min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch)

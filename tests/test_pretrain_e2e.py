@@ -100,3 +100,30 @@ def test_config_error_exit_code(tmp_path, tiny_world, capsys):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
                          text=True)
     assert res.returncode == 2 and "batch_sise" in res.stderr and "bad.yaml" in res.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_world):
+    """Kill -9 the training process mid-run, resume, and end with the uninterrupted run's weights."""
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world)
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _run(config, ref, "--options", "schedular.epochs=4")
+    cmd = [sys.executable, "Pretrain.py", "--config", config, "--output_dir", str(killed), "--device", "cpu",
+           "--options", "schedular.epochs=4"]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint_00.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert (killed / "checkpoint_00.pth").exists()
+    _run(config, killed, "--resume", "--options", "schedular.epochs=4")
+    a = torch.load(ref / "checkpoint_03.pth", map_location="cpu", weights_only=True)
+    b = torch.load(killed / "checkpoint_03.pth", map_location="cpu", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
