@@ -201,8 +201,8 @@ class ALBEF(nn.Module):
         image_embeds_all = torch.cat([img.embeds[neg_image_idx], img.embeds], dim=0)
         fused_neg = self.fuse(text_embeds_all, text_atts_all, image_embeds_all)
         itm_logits = self.itm_logits(torch.cat([fused_pos[:, :1], fused_neg[:, :1]], dim=0))
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]
-                               ).to(image.device)
+        itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=image.device)
+        itm_labels[:bs] = 1
         loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
 
         # ---- MLM conditioned on the image, distilled from the momentum model

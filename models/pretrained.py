@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable
 from urllib.parse import urlparse
 
 import torch
@@ -79,6 +79,14 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     return sd
 
 
+def _check_shapes(sd: Dict[str, torch.Tensor], module: torch.nn.Module, what: str, config_key: str) -> None:
+    expected = module.state_dict()
+    for k, v in sd.items():
+        if k in expected and expected[k].shape != v.shape:
+            raise ValueError(f"{what}: {k} has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(expected[k].shape)} (check the {config_key} config against the checkpoint)")
+
+
 def load_bert_weights(text_encoder: torch.nn.Module, name_or_path: str) -> None:
     """Load Hugging Face BERT weights (``BertModel``/``BertForMaskedLM``/``BertForPreTraining`` layouts) into a
     :class:`models.bert.BertForMaskedLM`.
@@ -106,11 +114,7 @@ def load_bert_weights(text_encoder: torch.nn.Module, name_or_path: str) -> None:
         mapped["cls.predictions.decoder.weight"] = mapped["bert.embeddings.word_embeddings.weight"]
     if "cls.predictions.bias" in mapped:
         mapped.setdefault("cls.predictions.decoder.bias", mapped["cls.predictions.bias"])
-    expected = text_encoder.state_dict()
-    for k, v in mapped.items():
-        if k in expected and expected[k].shape != v.shape:
-            raise ValueError(f"BERT weights {name_or_path!r}: {k} has shape {tuple(v.shape)}, the model expects "
-                             f"{tuple(expected[k].shape)} (check bert_config against the checkpoint)")
+    _check_shapes(mapped, text_encoder, f"BERT weights {name_or_path!r}", "bert_config")
     missing, unexpected = text_encoder.load_state_dict(mapped, strict=False)
     missing = [k for k in missing if ".crossattention." not in k and not k.endswith("position_ids")
                and not k.startswith("cls.")]
@@ -141,11 +145,7 @@ def load_vit_weights(vit: torch.nn.Module, name_or_path: str) -> None:
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist.", "fc_norm.", "dist_token"))}
     if "pos_embed" in sd:
         sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.patch_embed.num_patches)
-    expected = vit.state_dict()
-    for k, v in sd.items():
-        if k in expected and expected[k].shape != v.shape:
-            raise ValueError(f"ViT weights {name_or_path!r}: {k} has shape {tuple(v.shape)}, the image encoder "
-                             f"expects {tuple(expected[k].shape)} (check the vit: config)")
+    _check_shapes(sd, vit, f"ViT weights {name_or_path!r}", "vit:")
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"ViT weights {name_or_path!r} do not fit the image encoder: missing {missing[:8]}, "
