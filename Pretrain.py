@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
-import numpy as np
 import torch
 
 from dataset import CaptionCollator, create_loader, create_sampler
@@ -23,12 +21,12 @@ from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import latest_checkpoint
 from engine.retrieval import itc_retrieval
+from engine.recipe import ModelKeys, base_parser, overrides_of, set_seed
 from engine.trainer import Trainer, TrainOptions, print0
-from models.albef import ALBEF, ALBEFConfig
-from models.bert import BertConfig
+from models.albef import ALBEF
 from models.pretrained import load_bert_weights, load_state_dict_file, load_vit_weights
 from models.tokenizer import load_tokenizer
-from models.vit import VisionConfig, interpolate_pos_embed
+from models.vit import interpolate_pos_embed
 from optim import OptimizerConfig, create_optimizer
 from scheduler import SchedulerConfig, create_scheduler
 from utils import distributed as du
@@ -36,27 +34,17 @@ from utils.config import ConfigError, load_config, save_config, to_dict
 
 
 @dataclass
-class PretrainConfig(TrainOptions):
-    """``configs/Pretrain.yaml``: the original keys first, then the keys this framework adds."""
+class PretrainConfig(ModelKeys, TrainOptions):
+    """``configs/Pretrain.yaml``: the original keys, then the keys this framework adds (see README)."""
 
     train_file: Union[str, List[str]] = field(default_factory=list)  # pre-training JSON file(s)
-    bert_config: Union[str, Dict[str, Any]] = "configs/config_bert.json"  # path to a BERT JSON, or inline
-    image_res: int = 256
-    vision_width: int = 768
-    embed_dim: int = 256
     batch_size: int = 64  # per GPU
-    temp: float = 0.07
     mlm_probability: float = 0.15
-    queue_size: int = 65536
-    momentum: float = 0.995
     alpha: float = 0.4  # distillation weight, ramped linearly over the first epoch
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata={"aliases": ["schedular"]})
     # ---- new keys
-    vit: VisionConfig = field(default_factory=VisionConfig)  # image encoder size (default ViT-B/16)
     vit_init: Optional[str] = None  # DeiT/timm weights: a .pth/.safetensors file or a timm name; null = random
-    text_encoder: Optional[str] = "bert-base-uncased"  # HF name or folder with BERT weights; null = random
-    tokenizer: Optional[str] = None  # HF name or folder; default: text_encoder
     image_root: Optional[str] = None  # prefix for relative image paths (default: each JSON file's folder)
     max_words: int = 30  # caption words kept by pre_caption
     max_tokens: int = 25  # tokens per caption including [CLS]
@@ -76,32 +64,13 @@ class PretrainConfig(TrainOptions):
         if self.tokenizer is None and self.text_encoder is None:
             raise ValueError("tokenizer must be given when text_encoder is null")
 
-    def bert(self, source: str) -> BertConfig:
-        if isinstance(self.bert_config, dict):
-            return BertConfig.from_dict(self.bert_config, f"{source}: bert_config")
-        if not os.path.isfile(self.bert_config):
-            raise ConfigError(f"{source}: bert_config file {self.bert_config} does not exist")
-        return BertConfig.from_json_file(self.bert_config)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="./configs/Pretrain.yaml")
-    p.add_argument("--output_dir", default="output/pretrain")
-    p.add_argument("--checkpoint", default="", help="initialise the model from these weights (any ALBEF "
-                   "pre-training checkpoint); training starts at epoch 0")
+    p = base_parser(__doc__, "./configs/Pretrain.yaml", "output/pretrain")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
-    p.add_argument("--text_encoder", default=None, help="overrides the config's text_encoder")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--seed", default=42, type=int)
-    p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--exit_after_epochs", type=int, default=None,
                    help="stop after this many epochs of this run (time-limited jobs); resume later")
-    # accepted for compatibility with the original's launch lines; torchrun's environment decides
-    p.add_argument("--world_size", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--dist_url", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--distributed", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.resume is not None and args.resume.lower() in ("false", "0", "no"):
         args.resume = None  # the original's `--resume False`
@@ -110,24 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def build_model(cfg: PretrainConfig, tokenizer, source: str) -> ALBEF:
-    bert = cfg.bert(source)
-    if len(tokenizer) > bert.vocab_size:
-        raise ConfigError(f"{source}: the tokenizer has {len(tokenizer)} entries, more than bert_config "
-                          f"vocab_size {bert.vocab_size}")
-    try:
-        model_cfg = ALBEFConfig(image_res=cfg.image_res, vision_width=cfg.vision_width, embed_dim=cfg.embed_dim,
-                                temp=cfg.temp, mlm_probability=cfg.mlm_probability, queue_size=cfg.queue_size,
-                                momentum=cfg.momentum, vit=cfg.vit, bert=bert, pad_token_id=tokenizer.pad_token_id,
-                                cls_token_id=tokenizer.cls_token_id, mask_token_id=tokenizer.mask_token_id)
-    except ValueError as e:
-        raise ConfigError(f"{source}: {e}") from e
+    model_cfg = cfg.albef_config(tokenizer, source, cfg.mlm_probability)
     model = ALBEF(model_cfg)
     if cfg.text_encoder:
         load_bert_weights(model.text_encoder, cfg.text_encoder)
@@ -152,8 +105,7 @@ def load_weights(model: ALBEF, path: str) -> None:
 
 def main(argv=None) -> Dict[str, float]:
     args = parse_args(argv)
-    overrides = list(args.options) + ([f"text_encoder={args.text_encoder}"] if args.text_encoder else [])
-    cfg = load_config(PretrainConfig, args.config, overrides)
+    cfg = load_config(PretrainConfig, args.config, overrides_of(args))
     info = du.init_distributed(args.device)
     device = info.device
     set_seed(args.seed + info.rank)
@@ -199,14 +151,14 @@ def main(argv=None) -> Dict[str, float]:
         return module(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha)
 
     results: Dict[str, float] = {}
-    after_epoch = None
+    after_epoch: Optional[Callable[[int], Dict[str, float]]] = None
     if cfg.test_file:
         test_set = RetrievalEvalDataset(cfg.test_file, eval_transform(cfg.image_res), cfg.image_root,
                                         cfg.max_words)
         test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.batch_size_test,
                                                   num_workers=min(cfg.num_workers, 2))
 
-        def after_epoch(epoch: int) -> Dict[str, float]:
+        def evaluate(epoch: int) -> Dict[str, float]:
             if not du.is_main_process():
                 return {}
             metrics = itc_retrieval(model, test_loader, test_set, tokenizer, device)
@@ -215,6 +167,8 @@ def main(argv=None) -> Dict[str, float]:
             print0(f"zero-shot retrieval (ITC) on {cfg.test_file}: " +
                    "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items()))
             return {f"test_{k}": v for k, v in metrics.items()}
+
+        after_epoch = evaluate
 
     trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
                 exit_after_epochs=args.exit_after_epochs)

@@ -20,6 +20,8 @@ class CaptionCollator:
 
         batch = {"image": torch.stack([s["image"] for s in samples])}
         batch.update(tokenize(self.tokenizer, [s["caption"] for s in samples], self.max_length, self.padding))
+        if "idx" in samples[0]:
+            batch["idx"] = torch.tensor([s["idx"] for s in samples], dtype=torch.long)
         return batch
 
 

@@ -143,3 +143,33 @@ class RetrievalEvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         return {"image": self.transform(self.load(self.images[index])), "index": index}
+
+
+class RetrievalTrainDataset(Dataset):
+    """One record per (image, caption) with an ``image_id`` (the original ``re_train_dataset``); returns
+    ``{'image', 'caption', 'idx'}`` where ``idx`` numbers the distinct image ids in order of first appearance."""
+
+    def __init__(self, ann_files: Union[str, Sequence[str]], transform, image_root: Optional[str] = None,
+                 max_words: int = 30):
+        if isinstance(ann_files, str):
+            ann_files = [ann_files]
+        self.records: List[Dict[str, Any]] = []
+        self.img_ids: Dict[Any, int] = {}
+        for f in ann_files:
+            for rec in load_json_list(f, ("image", "caption", "image_id")):
+                key = rec["image_id"]
+                if key not in self.img_ids:
+                    self.img_ids[key] = len(self.img_ids)
+                self.records.append({"image": resolve_image(rec["image"], image_root, f), "caption": rec["caption"],
+                                     "idx": self.img_ids[key]})
+        self.transform = transform
+        self.max_words = max_words
+        self.load = ImageLoader("raise")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        rec = self.records[index]
+        return {"image": self.transform(self.load(rec["image"])), "caption": pre_caption(rec["caption"], self.max_words),
+                "idx": rec["idx"]}

@@ -56,3 +56,92 @@ def itc_retrieval(model, image_loader, dataset, tokenizer, device: torch.device,
     image_feats, text_feats = extract_features(model, image_loader, dataset.text, tokenizer, device, max_length)
     sim = (image_feats @ text_feats.T).float().cpu().numpy()
     return recall_metrics(sim, sim.T, dataset.txt2img, dataset.img2txt)
+
+
+@torch.no_grad()
+def extract_all(model, image_loader, texts: Sequence[str], tokenizer, device: torch.device, max_length: int = 30,
+                text_batch: int = 256):
+    """Everything the re-rank needs: text states/masks/features and image tokens/features (token states kept on
+    the CPU, so no device ever holds every image's tokens), in dataset order."""
+    model.eval()
+    t_embeds, t_masks, t_feats = [], [], []
+    for i in range(0, len(texts), text_batch):
+        enc = tokenize(tokenizer, texts[i:i + text_batch], max_length, padding="max_length")
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        out = model.encode_text(ids, mask)
+        t_embeds.append(out.embeds.cpu())
+        t_masks.append(mask.cpu())
+        t_feats.append(out.feat)
+    n = len(image_loader.dataset)
+    i_embeds, i_feats = None, None
+    for batch in image_loader:
+        out = model.encode_image(batch["image"].to(device))
+        if i_embeds is None:
+            i_embeds = torch.empty((n, *out.embeds.shape[1:]), dtype=out.embeds.dtype)
+            i_feats = torch.empty((n, out.feat.shape[1]), dtype=out.feat.dtype, device=device)
+        i_embeds[batch["index"]] = out.embeds.cpu()
+        i_feats[batch["index"].to(device)] = out.feat
+    return torch.cat(t_embeds), torch.cat(t_masks), torch.cat(t_feats), i_embeds, i_feats
+
+
+def _rerank(model, queries: torch.Tensor, sim: torch.Tensor, k: int, pair_fn, rows_per_call: int,
+            score: str) -> torch.Tensor:
+    """For each query row, ITM-score its top-k candidates by ITC (many rows per fusion call); -100 elsewhere."""
+    out = torch.full_like(sim, -100.0)
+    k = min(k, sim.shape[1])
+    for start in range(0, len(queries), rows_per_call):
+        rows = queries[start:start + rows_per_call]
+        top_sim, top_idx = sim[rows].topk(k, dim=1)
+        text_embeds, text_mask, image_embeds = pair_fn(rows, top_idx)
+        fused = model.fuse(text_embeds, text_mask, image_embeds)
+        itm = model.itm_logits(fused)[:, 1].float().view(len(rows), k)
+        if score == "itm+itc":
+            itm = itm + top_sim
+        out[rows.unsqueeze(1), top_idx] = itm
+    return out
+
+
+@torch.no_grad()
+def itm_rerank_scores(model, image_loader, texts: Sequence[str], tokenizer, device: torch.device, k_test: int,
+                      max_length: int = 30, score: str = "itm", pairs_per_call: int = 256
+                      ) -> Dict[str, torch.Tensor]:
+    """The original ALBEF retrieval protocol: ITC similarity of all images x all texts; per image the top
+    ``k_test`` texts and per text the top ``k_test`` images are re-scored by the ITM positive logit (``score='itm'``,
+    the original) or ITM + ITC (``'itm+itc'``, as BLIP); every other entry is -100. Rows are sharded across
+    ranks and merged exactly (a sum over ranks of disjoint rows). Returns ``{'i2t': [Ni, Nt], 't2i': [Nt, Ni]}``.
+    """
+    from utils import distributed as du
+
+    if score not in ("itm", "itm+itc"):
+        raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {score!r}")
+    t_embeds, t_masks, t_feats, i_embeds, i_feats = extract_all(model, image_loader, texts, tokenizer, device,
+                                                               max_length)
+    sim = (i_feats @ t_feats.T).float()
+    world, rank = du.get_world_size(), du.get_rank()
+    rows_per_call = max(1, pairs_per_call // max(1, min(k_test, sim.shape[1])))
+
+    def shard(n: int) -> torch.Tensor:
+        step = -(-n // world)
+        return torch.arange(rank * step, min(n, (rank + 1) * step), device=device)
+
+    def i2t_pairs(rows, top_idx):  # image rows, candidate texts
+        k = top_idx.shape[1]
+        img = i_embeds[rows.cpu()].to(device).repeat_interleave(k, dim=0)
+        flat = top_idx.reshape(-1).cpu()
+        return t_embeds[flat].to(device), t_masks[flat].to(device), img
+
+    def t2i_pairs(rows, top_idx):  # text rows, candidate images
+        k = top_idx.shape[1]
+        flat = top_idx.reshape(-1).cpu()
+        r = rows.cpu().repeat_interleave(k)
+        return t_embeds[r].to(device), t_masks[r].to(device), i_embeds[flat].to(device)
+
+    i2t = _rerank(model, shard(sim.shape[0]), sim, k_test, i2t_pairs, rows_per_call, score)
+    t2i = _rerank(model, shard(sim.shape[1]), sim.T.contiguous(), k_test, t2i_pairs, rows_per_call, score)
+    if world > 1:  # each rank filled only its rows: zero the others, then sum
+        for mat, n in ((i2t, sim.shape[0]), (t2i, sim.shape[1])):
+            mine = torch.zeros(n, dtype=torch.bool, device=device)
+            mine[shard(n)] = True
+            mat[~mine] = 0
+            du.all_reduce_sum(mat)
+    return {"i2t": i2t.cpu(), "t2i": t2i.cpu()}

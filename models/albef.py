@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.bert import BertConfig, BertForMaskedLM, init_bert_weights
+from models.bert import BertConfig, BertForMaskedLM, BertModel, init_bert_weights
 from models.losses import distill_targets, itc_loss, mask_tokens, mlm_loss, sample_hard_negatives
 from models.vit import VisionConfig, create_vit
 from utils.distributed import all_gather_no_grad
@@ -63,14 +63,15 @@ def _trunc_normal_init(module: nn.Linear, std: float = 0.02) -> None:
     nn.init.zeros_(module.bias)
 
 
-class ALBEF(nn.Module):
-    """Pre-training model. ``forward(image, input_ids, attention_mask, alpha)`` returns a dict of losses."""
+class ALBEFBase(nn.Module):
+    """What every ALBEF variant with ITC + ITM shares: encoders, projections, ``temp``, ``itm_head``, the momentum
+    copies and the feature queues. Subclasses choose the text encoder class and the objectives."""
 
-    def __init__(self, cfg: ALBEFConfig):
+    def __init__(self, cfg: ALBEFConfig, text_encoder: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual_encoder = create_vit(cfg.vit, cfg.image_res)
-        self.text_encoder = BertForMaskedLM(cfg.bert)
+        self.text_encoder = text_encoder
         init_bert_weights(self.text_encoder, cfg.bert.initializer_range)
         text_width = cfg.bert.hidden_size
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
@@ -84,7 +85,8 @@ class ALBEF(nn.Module):
         self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
         self.vision_proj_m = copy.deepcopy(self.vision_proj)
         self.text_encoder_m = copy.deepcopy(self.text_encoder)
-        self.text_encoder_m.tie_weights()
+        if hasattr(self.text_encoder_m, "tie_weights"):
+            self.text_encoder_m.tie_weights()
         self.text_proj_m = copy.deepcopy(self.text_proj)
         for p in self.momentum_parameters():
             p.requires_grad_(False)
@@ -92,6 +94,11 @@ class ALBEF(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @staticmethod
+    def _bert(encoder: nn.Module) -> nn.Module:
+        """The BERT body: ``text_encoder.bert`` in the pre-training layout, ``text_encoder`` itself otherwise."""
+        return encoder.bert if hasattr(encoder, "bert") else encoder
 
     # ----------------------------------------------------------------------------------------- structure
     def model_pairs(self):
@@ -117,10 +124,6 @@ class ALBEF(nn.Module):
         torch._foreach_mul_(mom, m)
         torch._foreach_add_(mom, online, alpha=1.0 - m)
 
-    def no_weight_decay(self) -> set:
-        """Empty, as the original (its optimizer decays ``temp``, ``pos_embed`` and ``cls_token``)."""
-        return set()
-
     # ------------------------------------------------------------------------------------- encoders
     def encode_image(self, image: torch.Tensor, momentum: bool = False) -> Encoded:
         vit, proj = (self.visual_encoder_m, self.vision_proj_m) if momentum else (self.visual_encoder,
@@ -131,31 +134,84 @@ class ALBEF(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, momentum: bool = False
                     ) -> Encoded:
         enc, proj = (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
-        embeds = enc.bert(input_ids, attention_mask, mode="text")
+        embeds = self._bert(enc)(input_ids, attention_mask, mode="text")
         return Encoded(embeds, F.normalize(proj(embeds[:, 0, :]).float(), dim=-1))
 
     def fuse(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
              ) -> torch.Tensor:
         """Fusion layers over text-encoder states, cross-attending to image tokens: [B, L, D]."""
-        return self.text_encoder.bert(encoder_embeds=text_embeds, attention_mask=attention_mask,
-                                      encoder_hidden_states=image_embeds, mode="fusion")
+        return self._bert(self.text_encoder)(encoder_embeds=text_embeds, attention_mask=attention_mask,
+                                             encoder_hidden_states=image_embeds, mode="fusion")
 
     def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
         return self.itm_head(fused[:, 0, :])
 
     # ------------------------------------------------------------------------------------------ queue
     @torch.no_grad()
-    def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
-        """Write all ranks' momentum features into the ring buffers at ``queue_ptr`` (no host sync)."""
+    def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
+                             idx: Optional[torch.Tensor] = None) -> None:
+        """Write all ranks' momentum features (and image ids) into the ring buffers at ``queue_ptr``, no host sync."""
         image_feats = all_gather_no_grad(image_feat)
         text_feats = all_gather_no_grad(text_feat)
         n, size = image_feats.shape[0], self.image_queue.shape[1]
-        idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % size
-        self.image_queue[:, idx] = image_feats.T.to(self.image_queue.dtype)
-        self.text_queue[:, idx] = text_feats.T.to(self.text_queue.dtype)
+        pos = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % size
+        self.image_queue[:, pos] = image_feats.T.to(self.image_queue.dtype)
+        self.text_queue[:, pos] = text_feats.T.to(self.text_queue.dtype)
+        if idx is not None:
+            self.idx_queue[:, pos] = all_gather_no_grad(idx.reshape(-1)).view(1, -1)
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
-    # ---------------------------------------------------------------------------------------- forward
+    def _itm_loss(self, txt: "Encoded", img: "Encoded", attention_mask: torch.Tensor, sim_i2t: torch.Tensor,
+                  sim_t2i: torch.Tensor, same: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """ITM on 1 positive + 2 hard negatives per pair (an image per text, a text per image)."""
+        bs = txt.embeds.shape[0]
+        fused_pos = self.fuse(txt.embeds, attention_mask, img.embeds)
+        with torch.no_grad():
+            neg_image_idx = sample_hard_negatives(sim_t2i[:, :bs], same, generator)
+            neg_text_idx = sample_hard_negatives(sim_i2t[:, :bs], same, generator)
+        text_embeds_all = torch.cat([txt.embeds, txt.embeds[neg_text_idx]], dim=0)
+        text_atts_all = torch.cat([attention_mask, attention_mask[neg_text_idx]], dim=0)
+        image_embeds_all = torch.cat([img.embeds[neg_image_idx], img.embeds], dim=0)
+        fused_neg = self.fuse(text_embeds_all, text_atts_all, image_embeds_all)
+        itm_logits = self.itm_logits(torch.cat([fused_pos[:, :1], fused_neg[:, :1]], dim=0))
+        itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=itm_logits.device)
+        itm_labels[:bs] = 1
+        return F.cross_entropy(itm_logits.float(), itm_labels)
+
+    def _itc(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, img: Encoded,
+             txt: Encoded, positives: Optional[torch.Tensor], alpha: float, distill: bool = True):
+        """ITC of student features against momentum keys (batch + queue); returns (loss, sim_i2t, sim_t2i,
+        momentum image, momentum text). ``positives`` [B, B + Q] are the hard targets (None: the diagonal)."""
+        temp = self.temp
+        with torch.no_grad():
+            self.momentum_update()
+            img_m = self.encode_image(image, momentum=True)
+            txt_m = self.encode_text(input_ids, attention_mask, momentum=True)
+            image_feat_all = torch.cat([img_m.feat.T, self.image_queue.clone()], dim=1)
+            text_feat_all = torch.cat([txt_m.feat.T, self.text_queue.clone()], dim=1)
+            if positives is None:
+                positives = torch.zeros(img_m.feat.shape[0], image_feat_all.shape[1], device=image.device)
+                positives.fill_diagonal_(1)
+            if distill:
+                targets_i2t = distill_targets(img_m.feat @ text_feat_all / temp, positives, alpha)
+                targets_t2i = distill_targets(txt_m.feat @ image_feat_all / temp, positives, alpha)
+            else:
+                targets_i2t = targets_t2i = positives
+        loss, sim_i2t, sim_t2i = itc_loss(img.feat, txt.feat, image_feat_all, text_feat_all, temp, targets_i2t,
+                                          targets_t2i)
+        return loss, sim_i2t, sim_t2i, img_m, txt_m
+
+
+class ALBEF(ALBEFBase):
+    """Pre-training model. ``forward(image, input_ids, attention_mask, alpha)`` returns a dict of losses."""
+
+    def __init__(self, cfg: ALBEFConfig):
+        super().__init__(cfg, BertForMaskedLM(cfg.bert))
+
+    def no_weight_decay(self) -> set:
+        """Empty, as the original (its optimizer decays ``temp``, ``pos_embed`` and ``cls_token``)."""
+        return set()
+
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float = 0.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """ITC + ITM + MLM losses of one batch (the original's order of operations).
@@ -167,43 +223,13 @@ class ALBEF(nn.Module):
         """
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        temp = self.temp
-
         img = self.encode_image(image)
         txt = self.encode_text(input_ids, attention_mask)
-
-        # ---- ITC against momentum keys (batch + queue), with momentum-distilled targets
-        with torch.no_grad():
-            self.momentum_update()
-            img_m = self.encode_image(image, momentum=True)
-            txt_m = self.encode_text(input_ids, attention_mask, momentum=True)
-            image_feat_all = torch.cat([img_m.feat.T, self.image_queue.clone()], dim=1)
-            text_feat_all = torch.cat([txt_m.feat.T, self.text_queue.clone()], dim=1)
-            sim_i2t_m = img_m.feat @ text_feat_all / temp
-            sim_t2i_m = txt_m.feat @ image_feat_all / temp
-            hard = torch.zeros_like(sim_i2t_m)
-            hard.fill_diagonal_(1)
-            targets_i2t = distill_targets(sim_i2t_m, hard, alpha)
-            targets_t2i = distill_targets(sim_t2i_m, hard, alpha)
-        loss_ita, sim_i2t, sim_t2i = itc_loss(img.feat, txt.feat, image_feat_all, text_feat_all, temp,
-                                               targets_i2t, targets_t2i)
+        loss_ita, sim_i2t, sim_t2i, img_m, txt_m = self._itc(image, input_ids, attention_mask, img, txt, None, alpha)
         self._dequeue_and_enqueue(img_m.feat, txt_m.feat)
 
-        # ---- ITM: 1 positive + 2 hard negatives per pair
-        bs = image.shape[0]
-        fused_pos = self.fuse(txt.embeds, attention_mask, img.embeds)
-        with torch.no_grad():
-            same = torch.eye(bs, dtype=torch.bool, device=image.device)
-            neg_image_idx = sample_hard_negatives(sim_t2i[:, :bs], same, generator)  # an image per text
-            neg_text_idx = sample_hard_negatives(sim_i2t[:, :bs], same, generator)  # a text per image
-        text_embeds_all = torch.cat([txt.embeds, txt.embeds[neg_text_idx]], dim=0)
-        text_atts_all = torch.cat([attention_mask, attention_mask[neg_text_idx]], dim=0)
-        image_embeds_all = torch.cat([img.embeds[neg_image_idx], img.embeds], dim=0)
-        fused_neg = self.fuse(text_embeds_all, text_atts_all, image_embeds_all)
-        itm_logits = self.itm_logits(torch.cat([fused_pos[:, :1], fused_neg[:, :1]], dim=0))
-        itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=image.device)
-        itm_labels[:bs] = 1
-        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+        same = torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
+        loss_itm = self._itm_loss(txt, img, attention_mask, sim_i2t, sim_t2i, same, generator)
 
         # ---- MLM conditioned on the image, distilled from the momentum model
         cfg = self.cfg
@@ -214,5 +240,41 @@ class ALBEF(nn.Module):
             soft_labels = F.softmax(logits_m.float(), dim=-1)
         logits = self.text_encoder(masked_ids, attention_mask, encoder_hidden_states=img.embeds)
         loss_mlm = mlm_loss(logits, labels, soft_labels, alpha)
-
         return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}
+
+
+class ALBEFRetrieval(ALBEFBase):
+    """Retrieval (and weakly-supervised grounding) model: the text encoder is a plain ``BertModel`` (keys
+    ``text_encoder.*``, no MLM head) and an ``idx_queue`` holds the image id of every queued feature, so that
+    every caption of the same image, in the batch or the queue, is a positive.
+
+    As the original, ``temp`` is not clamped here unless ``clamp_temp`` is set.
+    """
+
+    def __init__(self, cfg: ALBEFConfig, distill: bool = True, clamp_temp: bool = False):
+        super().__init__(cfg, BertModel(cfg.bert))
+        self.distill = distill
+        self.clamp_temp = clamp_temp
+        self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
+
+    def no_weight_decay(self) -> set:
+        return set()
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor,
+                alpha: float = 0.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """ITC (positives by image id, momentum-distilled) + ITM losses; ``idx`` [B] are image ids."""
+        if self.clamp_temp:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+        img = self.encode_image(image)
+        txt = self.encode_text(input_ids, attention_mask)
+        idx = idx.view(-1, 1)
+        idx_all = torch.cat([idx.T, self.idx_queue.clone()], dim=1)
+        positives = (idx == idx_all).float()
+        positives = positives / positives.sum(dim=1, keepdim=True)
+        loss_ita, sim_i2t, sim_t2i, img_m, txt_m = self._itc(image, input_ids, attention_mask, img, txt, positives,
+                                                             alpha, self.distill)
+        self._dequeue_and_enqueue(img_m.feat, txt_m.feat, idx)
+        same = idx == idx.T  # never a caption of the same image as a negative
+        loss_itm = self._itm_loss(txt, img, attention_mask, sim_i2t, sim_t2i, same, generator)
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm}

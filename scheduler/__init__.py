@@ -11,7 +11,7 @@ The config keeps the original ``schedular`` keys. Differences from the original,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

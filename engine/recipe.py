@@ -1,0 +1,78 @@
+"""Pieces every task script shares: command line, seeding, the model-shape config keys, tokenizer + model config."""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from models.albef import ALBEFConfig
+from models.bert import BertConfig
+from models.vit import VisionConfig
+from utils.config import ConfigError
+
+
+@dataclass
+class ModelKeys:
+    """Config keys that fix the model's shape (original names first)."""
+
+    bert_config: Union[str, Dict[str, Any]] = "configs/config_bert.json"  # path to a BERT JSON, or inline
+    image_res: int = 256
+    vision_width: int = 768
+    embed_dim: int = 256
+    temp: float = 0.07
+    queue_size: int = 65536
+    momentum: float = 0.995
+    vit: VisionConfig = field(default_factory=VisionConfig)  # image encoder size (default ViT-B/16)
+    text_encoder: Optional[str] = "bert-base-uncased"  # HF name or folder with BERT weights; null = random
+    tokenizer: Optional[str] = None  # HF name or folder; default: text_encoder
+
+    def bert(self, source: str) -> BertConfig:
+        if isinstance(self.bert_config, dict):
+            return BertConfig.from_dict(self.bert_config, f"{source}: bert_config")
+        if not os.path.isfile(self.bert_config):
+            raise ConfigError(f"{source}: bert_config file {self.bert_config} does not exist")
+        return BertConfig.from_json_file(self.bert_config)
+
+    def albef_config(self, tokenizer, source: str, mlm_probability: float = 0.15) -> ALBEFConfig:
+        bert = self.bert(source)
+        if len(tokenizer) > bert.vocab_size:
+            raise ConfigError(f"{source}: the tokenizer has {len(tokenizer)} entries, more than bert_config "
+                              f"vocab_size {bert.vocab_size}")
+        try:
+            return ALBEFConfig(image_res=self.image_res, vision_width=self.vision_width, embed_dim=self.embed_dim,
+                               temp=self.temp, mlm_probability=mlm_probability, queue_size=self.queue_size,
+                               momentum=self.momentum, vit=self.vit, bert=bert, pad_token_id=tokenizer.pad_token_id,
+                               cls_token_id=tokenizer.cls_token_id, mask_token_id=tokenizer.mask_token_id)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from e
+
+
+def base_parser(description: str, config: str, output_dir: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=config)
+    p.add_argument("--output_dir", default=output_dir)
+    p.add_argument("--checkpoint", default="", help="initialise the model from these weights")
+    p.add_argument("--text_encoder", default=None, help="overrides the config's text_encoder")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", default=42, type=int)
+    p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    # accepted for compatibility with the original's launch lines; torchrun's environment decides
+    p.add_argument("--world_size", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dist_url", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--distributed", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def overrides_of(args: argparse.Namespace) -> list:
+    return list(args.options) + ([f"text_encoder={args.text_encoder}"] if args.text_encoder else [])
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
