@@ -1,0 +1,173 @@
+"""ALBEF image-text retrieval: fine-tune (ITC with same-image positives + ITM) and evaluate (ITC top-k, ITM re-rank).
+
+    torchrun --nproc_per_node=8 Retrieval.py --config configs/Retrieval_coco.yaml --output_dir output/Retrieval_coco \
+        --checkpoint ALBEF.pth
+    python Retrieval.py ... --evaluate            # evaluate only (zero-shot or a fine-tuned checkpoint)
+    python Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir output/retrieval_demo \
+        --checkpoint output/demo/checkpoint_13.pth --device cpu
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from dataset import CaptionCollator, create_loader, create_sampler
+from dataset.caption_dataset import RetrievalEvalDataset, RetrievalTrainDataset
+from dataset.transforms import AugmentConfig, eval_transform, train_transform
+from engine.checkpoint import atomic_save
+from engine.recipe import ModelKeys, base_parser, overrides_of, set_seed
+from engine.retrieval import itm_rerank_scores, recall_metrics
+from engine.trainer import Trainer, TrainOptions, print0
+from models.albef import ALBEFRetrieval
+from models.convert import load_into_retrieval
+from models.pretrained import load_bert_weights
+from models.tokenizer import load_tokenizer
+from optim import OptimizerConfig, create_optimizer
+from scheduler import SchedulerConfig, create_scheduler
+from utils import distributed as du
+from utils.config import ConfigError, load_config, save_config, to_dict
+
+
+@dataclass
+class RetrievalConfig(ModelKeys, TrainOptions):
+    """``configs/Retrieval_{coco,flickr}.yaml``: the original keys, then the keys this framework adds."""
+
+    train_file: Union[str, List[str]] = field(default_factory=list)
+    val_file: Optional[str] = None
+    test_file: Optional[str] = None
+    image_root: Optional[str] = None
+    image_res: int = 384
+    batch_size_train: int = 32
+    batch_size_test: int = 64
+    k_test: int = 256  # ITM re-rank candidates per query
+    alpha: float = 0.4
+    distill: bool = True
+    warm_up: bool = True  # ramp alpha over the first epoch
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
+        epochs=5, min_lr=1e-6, warmup_lr=1e-5, warmup_epochs=1), metadata={"aliases": ["schedular"]})
+    # ---- new keys
+    rerank_score: str = "itm"  # itm (the original) or itm+itc (BLIP)
+    clamp_temp: bool = False  # clamp temp to [0.001, 0.5] as pre-training does (the original does not here)
+    max_words: int = 30
+    max_tokens: int = 30
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=[0.5, 1.0]))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rerank_score not in ("itm", "itm+itc"):
+            raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {self.rerank_score!r}")
+        if self.k_test < 1 or self.batch_size_train < 2:
+            raise ValueError("k_test must be >= 1 and batch_size_train >= 2")
+        if self.tokenizer is None and self.text_encoder is None:
+            raise ValueError("tokenizer must be given when text_encoder is null")
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__, "./configs/Retrieval_flickr.yaml", "output/Retrieval_flickr")
+    p.add_argument("--evaluate", action="store_true", help="evaluate val/test only, no training")
+    return p.parse_args(argv)
+
+
+def evaluate(model, loader, dataset, tokenizer, device, cfg: RetrievalConfig, split: str, output_dir: str,
+             save: bool) -> Dict[str, float]:
+    scores = itm_rerank_scores(model, loader, dataset.text, tokenizer, device, cfg.k_test, cfg.max_tokens,
+                               cfg.rerank_score)
+    metrics = recall_metrics(scores["i2t"].numpy(), scores["t2i"].numpy(), dataset.txt2img, dataset.img2txt)
+    print0(f"{split}: " + "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items()))
+    if save and du.is_main_process():
+        atomic_save(scores, os.path.join(output_dir, f"score_matrix_{split}.pt"))
+        with open(os.path.join(output_dir, f"eval_{split}.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def main(argv=None) -> Dict[str, Dict[str, float]]:
+    args = parse_args(argv)
+    cfg = load_config(RetrievalConfig, args.config, overrides_of(args))
+    info = du.init_distributed(args.device)
+    device = info.device
+    set_seed(args.seed + info.rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if du.is_main_process():
+        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.text_encoder)
+    model = ALBEFRetrieval(cfg.albef_config(tokenizer, args.config), distill=cfg.distill, clamp_temp=cfg.clamp_temp)
+    if args.checkpoint:  # a checkpoint provides every weight: no BERT download
+        load_into_retrieval(model, args.checkpoint, verbose=du.is_main_process())
+    elif cfg.text_encoder:
+        load_bert_weights(model.text_encoder, cfg.text_encoder)  # BertModel keys are the BERT body's
+        model.copy_params()
+    model.to(device)
+
+    eval_sets = {}
+    for split, path in (("val", cfg.val_file), ("test", cfg.test_file)):
+        if path:
+            ds = RetrievalEvalDataset(path, eval_transform(cfg.image_res), cfg.image_root, cfg.max_words)
+            eval_sets[split] = (ds, torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size_test,
+                                                                num_workers=min(cfg.num_workers, 4)))
+    results: Dict[str, Dict[str, float]] = {}
+
+    def run_eval(save: bool) -> Dict[str, float]:
+        flat = {}
+        for split, (ds, loader) in eval_sets.items():
+            results[split] = evaluate(model, loader, ds, tokenizer, device, cfg, split, args.output_dir, save)
+            flat.update({f"{split}_{k}": v for k, v in results[split].items()})
+        return flat
+
+    if args.evaluate:
+        flat = run_eval(save=True)
+        if du.is_main_process():
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps({**flat, "epoch": 0}) + "\n")
+        du.cleanup()
+        return results
+
+    dataset = RetrievalTrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
+                                    cfg.max_words)
+    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+    loader = create_loader(dataset, sampler, cfg.batch_size_train, cfg.num_workers, train=True,
+                           collate_fn=CaptionCollator(tokenizer, cfg.max_tokens))
+    optimizer = create_optimizer(model, cfg.optimizer)
+    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
+    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
+    print0(f"data: {len(dataset)} captions of {len(dataset.img_ids)} images, {len(loader)} steps per epoch")
+
+    def train_step(module, batch, ctx):
+        ramp = cfg.warm_up and ctx.epoch == 0
+        alpha = cfg.alpha * min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch) if ramp else cfg.alpha
+        return module(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha=alpha)
+
+    best = {"r_mean": -1.0, "epoch": -1}
+
+    def after_epoch(epoch: int) -> Dict[str, float]:
+        flat = run_eval(save=False)
+        val = results.get("val", results.get("test"))
+        if val is not None and val["r_mean"] > best["r_mean"] and du.is_main_process():
+            best.update(r_mean=val["r_mean"], epoch=epoch)
+            atomic_save({"model": model.state_dict(), "config": to_dict(cfg), "epoch": epoch},
+                        os.path.join(args.output_dir, "checkpoint_best.pth"))
+            for split in results:
+                with open(os.path.join(args.output_dir, f"eval_{split}.json"), "w") as f:
+                    json.dump({**results[split], "epoch": epoch}, f, indent=2)
+        return flat
+
+    trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
+                batch_size_of=lambda b: len(b["image"]))
+    print0(f"best epoch: {best['epoch']} (val r_mean {best['r_mean']:.2f})")
+    du.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
