@@ -17,12 +17,25 @@ def _write(tmp_path, data, name="c.yaml"):
     return str(p)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "Pretrain*.yaml"))))
-def test_every_shipped_pretrain_config_validates(path):
-    cfg = load_config(PretrainConfig, path)
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_every_shipped_config_validates(path):
+    from Retrieval import RetrievalConfig
+
+    cls = RetrievalConfig if os.path.basename(path).startswith("Retrieval") else PretrainConfig
+    cfg = load_config(cls, path)
     assert cfg.train_file
     bert = cfg.bert(path)
     assert bert.encoder_width == cfg.vit.embed_dim == cfg.vision_width
+
+
+def test_original_retrieval_yaml_values():
+    from Retrieval import RetrievalConfig
+
+    coco = load_config(RetrievalConfig, os.path.join(ROOT, "configs", "Retrieval_coco.yaml"))
+    flickr = load_config(RetrievalConfig, os.path.join(ROOT, "configs", "Retrieval_flickr.yaml"))
+    assert (coco.k_test, flickr.k_test, coco.scheduler.epochs, flickr.scheduler.epochs) == (256, 128, 5, 10)
+    assert coco.image_res == 384 and coco.batch_size_train == 32 and coco.optimizer.lr == 1e-5
+    assert coco.distill and coco.warm_up and coco.rerank_score == "itm"
 
 
 def test_original_pretrain_yaml_values():
