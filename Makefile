@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo retrieval-demo test bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m dataset.synthetic --out $(DATA)
 	$(PY) Pretrain.py --config configs/Pretrain_tiny.yaml --output_dir $(OUT) --device cpu
+
+# after `make demo`: zero-shot evaluation with ITM re-rank, then retrieval fine-tuning, of the demo model
+retrieval-demo: install
+	$(PY) Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir $(OUT)_retrieval_zeroshot \
+		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --evaluate
+	$(PY) Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir $(OUT)_retrieval \
+		--checkpoint $(OUT)/checkpoint_13.pth --device cpu
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

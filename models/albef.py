@@ -212,6 +212,11 @@ class ALBEF(ALBEFBase):
         """Empty, as the original (its optimizer decays ``temp``, ``pos_embed`` and ``cls_token``)."""
         return set()
 
+    def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+                   ) -> torch.Tensor:
+        """MLM logits [B, L, vocab] of the full text + fusion stack conditioned on image tokens."""
+        return self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_embeds)
+
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float = 0.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """ITC + ITM + MLM losses of one batch (the original's order of operations).

@@ -187,3 +187,36 @@ def test_two_process_evaluate_equals_single_process(tmp_path, tiny_world, pretra
             assert torch.allclose(a[k], b[k], atol=1e-5), (split, k, (a[k] - b[k]).abs().max())
         assert json.loads((single / f"eval_{split}.json").read_text()) == \
             json.loads((multi / f"eval_{split}.json").read_text())
+
+
+def test_load_model_api_and_search(tmp_path, tiny_world, pretrained):
+    from models import load_model
+    from models.tokenizer import tokenize
+    from tools.search import main as search_main
+
+    config = write_tiny_config(tmp_path / "pre.yaml", tiny_world)
+    model = load_model(str(pretrained), config)
+    assert isinstance(model, ALBEF) and not model.training
+    enc = tokenize(model.tokenizer, ["a red circle", "two blue squares"], 30)
+    from PIL import Image
+
+    images = torch.stack([model.transform(Image.open(tiny_world / "images" / f"test_{i:05d}.jpg").convert("RGB"))
+                          for i in range(2)])
+    img = model.encode_image(images)
+    txt = model.encode_text(enc["input_ids"], enc["attention_mask"])
+    assert img.embeds.shape == (2, 1 + 16, 128) and img.feat.shape == (2, 32)
+    assert torch.allclose(img.feat.norm(dim=-1), torch.ones(2), atol=1e-5)
+    fused = model.fuse(txt.embeds, enc["attention_mask"], img.embeds)
+    assert model.itm_logits(fused).shape == (2, 2)
+    assert model.mlm_logits(enc["input_ids"], enc["attention_mask"], img.embeds).shape[-1] == 512
+    # the same weights as a retrieval-layout file load as the retrieval model, with identical features
+    ret = ALBEFRetrieval(model.cfg)
+    load_into_retrieval(ret, str(pretrained), verbose=False)
+    torch.save({"model": ret.state_dict()}, tmp_path / "ret.pth")
+    model_r = load_model(str(tmp_path / "ret.pth"), config)
+    assert isinstance(model_r, ALBEFRetrieval)
+    assert torch.allclose(model_r.encode_text(enc["input_ids"], enc["attention_mask"]).feat, txt.feat, atol=1e-6)
+    results = search_main(["--checkpoint", str(pretrained), "--config", config, "--images",
+                           str(tiny_world / "images"), "--query", "a red circle", "--top", "3", "--k_test", "4",
+                           "--device", "cpu"])
+    assert len(results) == 4 and results[0][1] >= results[-1][1]
