@@ -220,3 +220,18 @@ def test_load_model_api_and_search(tmp_path, tiny_world, pretrained):
                            str(tiny_world / "images"), "--query", "a red circle", "--top", "3", "--k_test", "4",
                            "--device", "cpu"])
     assert len(results) == 4 and results[0][1] >= results[-1][1]
+
+
+def test_convert_checkpoint_tool(tmp_path):
+    from tools.convert_checkpoint import main as convert_main
+
+    torch.manual_seed(0)
+    pre = ALBEF(_cfg())
+    torch.save({"model": {"module." + k: v for k, v in pre.state_dict().items()}}, tmp_path / "pre.pth")
+    convert_main([str(tmp_path / "pre.pth"), str(tmp_path / "ret.pth"), "--to", "retrieval", "--image_res", "24"])
+    sd = torch.load(tmp_path / "ret.pth", weights_only=True)["model"]
+    ret = ALBEFRetrieval(_cfg(image_res=24))
+    ret.load_state_dict(sd, strict=True)  # exactly the retrieval layout
+    assert (sd["idx_queue"] == -100).all()
+    with pytest.raises(ValueError, match="cannot convert"):
+        convert_main([str(tmp_path / "ret.pth"), str(tmp_path / "x.pth"), "--to", "pretrain"])
