@@ -21,16 +21,15 @@ from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import latest_checkpoint
 from engine.retrieval import itc_retrieval
-from engine.recipe import ModelKeys, base_parser, overrides_of, set_seed
+from engine.recipe import ModelKeys, base_parser, setup_run
 from engine.trainer import Trainer, TrainOptions, print0
 from models.albef import ALBEF
 from models.pretrained import load_bert_weights, load_state_dict_file, load_vit_weights
-from models.tokenizer import load_tokenizer
-from models.vit import interpolate_pos_embed
+from models.convert import resize_pos_embeds, strip_wrappers
 from optim import OptimizerConfig, create_optimizer
 from scheduler import SchedulerConfig, create_scheduler
 from utils import distributed as du
-from utils.config import ConfigError, load_config, save_config, to_dict
+from utils.config import ConfigError, to_dict
 
 
 @dataclass
@@ -94,27 +93,14 @@ def build_model(cfg: PretrainConfig, tokenizer, source: str) -> ALBEF:
 
 def load_weights(model: ALBEF, path: str) -> None:
     """``--checkpoint``: weights of a pre-training checkpoint (``{'model': ...}`` or raw), pos-embed resized."""
-    sd = load_state_dict_file(path)
-    num_patches = model.visual_encoder.patch_embed.num_patches
-    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key in sd:
-            sd[key] = interpolate_pos_embed(sd[key], num_patches)
+    sd = resize_pos_embeds(strip_wrappers(load_state_dict_file(path)), model.visual_encoder.patch_embed.num_patches)
     model.load_state_dict(sd, strict=True)
     print0(f"loaded weights from {path}")
 
 
 def main(argv=None) -> Dict[str, float]:
     args = parse_args(argv)
-    cfg = load_config(PretrainConfig, args.config, overrides_of(args))
-    info = du.init_distributed(args.device)
-    device = info.device
-    set_seed(args.seed + info.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    if du.is_main_process():
-        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
-
-    # Tokenizer first: the model's vocabulary and special-token ids come from it.
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.text_encoder)
+    cfg, device, tokenizer = setup_run(PretrainConfig, args)
     model = build_model(cfg, tokenizer, args.config)
     if args.resume == "latest" and args.checkpoint:  # the original's `--checkpoint X --resume True`
         args.resume, args.checkpoint = args.checkpoint, ""

@@ -20,17 +20,16 @@ from dataset import CaptionCollator, create_loader, create_sampler
 from dataset.caption_dataset import RetrievalEvalDataset, RetrievalTrainDataset
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import atomic_save
-from engine.recipe import ModelKeys, base_parser, overrides_of, set_seed
+from engine.recipe import ModelKeys, base_parser, setup_run
 from engine.retrieval import itm_rerank_scores, recall_metrics
 from engine.trainer import Trainer, TrainOptions, print0
 from models.albef import ALBEFRetrieval
 from models.convert import load_into_retrieval
 from models.pretrained import load_bert_weights
-from models.tokenizer import load_tokenizer
 from optim import OptimizerConfig, create_optimizer
 from scheduler import SchedulerConfig, create_scheduler
 from utils import distributed as du
-from utils.config import ConfigError, load_config, save_config, to_dict
+from utils.config import ConfigError, to_dict
 
 
 @dataclass
@@ -89,15 +88,7 @@ def evaluate(model, loader, dataset, tokenizer, device, cfg: RetrievalConfig, sp
 
 def main(argv=None) -> Dict[str, Dict[str, float]]:
     args = parse_args(argv)
-    cfg = load_config(RetrievalConfig, args.config, overrides_of(args))
-    info = du.init_distributed(args.device)
-    device = info.device
-    set_seed(args.seed + info.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    if du.is_main_process():
-        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
-
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.text_encoder)
+    cfg, device, tokenizer = setup_run(RetrievalConfig, args)
     model = ALBEFRetrieval(cfg.albef_config(tokenizer, args.config), distill=cfg.distill, clamp_temp=cfg.clamp_temp)
     if args.checkpoint:  # a checkpoint provides every weight: no BERT download
         load_into_retrieval(model, args.checkpoint, verbose=du.is_main_process())

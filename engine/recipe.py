@@ -76,3 +76,21 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def setup_run(cls, args: argparse.Namespace):
+    """Config (validated, overrides applied) -> process group -> per-rank seed -> output folder with the resolved
+    ``config.yaml`` -> tokenizer. Returns ``(cfg, device, tokenizer)``; config errors surface before any process
+    group is created."""
+    from models.tokenizer import load_tokenizer
+    from utils import distributed as du
+    from utils.config import load_config, save_config
+
+    cfg = load_config(cls, args.config, overrides_of(args))
+    info = du.init_distributed(args.device)
+    set_seed(args.seed + info.rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if du.is_main_process():
+        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
+    # The tokenizer comes first: the model's vocabulary and special-token ids come from it.
+    return cfg, info.device, load_tokenizer(cfg.tokenizer or cfg.text_encoder)

@@ -30,10 +30,9 @@ def load_model(checkpoint: str, config: str, device: Union[str, torch.device] = 
     """
     from dataset.transforms import eval_transform
     from engine.recipe import ModelKeys
-    from models.convert import detect_layout, load_into_retrieval, strip_wrappers
+    from models.convert import detect_layout, load_into_retrieval, resize_pos_embeds, strip_wrappers
     from models.pretrained import load_state_dict_file
     from models.tokenizer import load_tokenizer
-    from models.vit import interpolate_pos_embed
     from utils.config import from_dict, yaml_load
 
     with open(config) as f:
@@ -48,11 +47,7 @@ def load_model(checkpoint: str, config: str, device: Union[str, torch.device] = 
     layout = detect_layout(sd)
     if layout == "pretrain":
         model = ALBEF(model_cfg)
-        num_patches = model.visual_encoder.patch_embed.num_patches
-        for k in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-            if k in sd:
-                sd[k] = interpolate_pos_embed(sd[k], num_patches)
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(resize_pos_embeds(sd, model.visual_encoder.patch_embed.num_patches), strict=True)
     else:
         model = ALBEFRetrieval(model_cfg)
         load_into_retrieval(model, checkpoint, verbose=False)

@@ -23,6 +23,14 @@ from models.vit import interpolate_pos_embed
 POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
 
 
+def resize_pos_embeds(sd: Dict[str, torch.Tensor], num_patches: int) -> Dict[str, torch.Tensor]:
+    """Resize the online and momentum ViT position embeddings in ``sd`` (in place) to ``num_patches``."""
+    for k in POS_EMBED_KEYS:
+        if k in sd:
+            sd[k] = interpolate_pos_embed(sd[k], num_patches)
+    return sd
+
+
 def detect_layout(sd: Dict[str, torch.Tensor]) -> str:
     if any(k.startswith("text_encoder.bert.") for k in sd):
         return "pretrain"
@@ -66,10 +74,7 @@ def load_into_retrieval(model: nn.Module, path: str, verbose: bool = True) -> Di
     dropped: List[str] = []
     if layout == "pretrain":
         sd, dropped = pretrain_to_retrieval(sd)
-    num_patches = model.visual_encoder.patch_embed.num_patches
-    for k in POS_EMBED_KEYS:
-        if k in sd:
-            sd[k] = interpolate_pos_embed(sd[k], num_patches)
+    resize_pos_embeds(sd, model.visual_encoder.patch_embed.num_patches)
     expected = model.state_dict()
     for k, v in sd.items():
         if k in expected and expected[k].shape != v.shape:

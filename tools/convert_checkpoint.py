@@ -14,9 +14,8 @@ import argparse
 from typing import Optional
 import torch
 
-from models.convert import POS_EMBED_KEYS, detect_layout, pretrain_to_retrieval, strip_wrappers
+from models.convert import detect_layout, pretrain_to_retrieval, resize_pos_embeds, strip_wrappers
 from models.pretrained import load_state_dict_file
-from models.vit import interpolate_pos_embed
 
 
 def convert(sd: dict, to: str, image_res: Optional[int] = None) -> dict:
@@ -32,10 +31,7 @@ def convert(sd: dict, to: str, image_res: Optional[int] = None) -> dict:
         raise ValueError(f"cannot convert a {layout} checkpoint to {to} (supported: pretrain -> retrieval)")
     if image_res is not None:
         patch = out["visual_encoder.patch_embed.proj.weight"].shape[-1]
-        n = (image_res // patch) ** 2
-        for k in POS_EMBED_KEYS:
-            if k in out:
-                out[k] = interpolate_pos_embed(out[k], n)
+        resize_pos_embeds(out, (image_res // patch) ** 2)
     return out
 
 
