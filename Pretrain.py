@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
@@ -21,7 +20,7 @@ from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import latest_checkpoint
 from engine.retrieval import itc_retrieval
-from engine.recipe import ModelKeys, base_parser, setup_run
+from engine.recipe import ModelKeys, base_parser, run_cli, setup_run
 from engine.trainer import Trainer, TrainOptions, print0
 from models.albef import ALBEF
 from models.pretrained import load_bert_weights, load_state_dict_file, load_vit_weights
@@ -29,7 +28,7 @@ from models.convert import resize_pos_embeds, strip_wrappers
 from optim import OptimizerConfig, create_optimizer
 from scheduler import SchedulerConfig, create_scheduler
 from utils import distributed as du
-from utils.config import ConfigError, to_dict
+from utils.config import to_dict
 
 
 @dataclass
@@ -170,8 +169,4 @@ def main(argv=None) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

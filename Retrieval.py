@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -20,7 +19,7 @@ from dataset import CaptionCollator, create_loader, create_sampler
 from dataset.caption_dataset import RetrievalEvalDataset, RetrievalTrainDataset
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import atomic_save
-from engine.recipe import ModelKeys, base_parser, setup_run
+from engine.recipe import ModelKeys, base_parser, run_cli, setup_run
 from engine.retrieval import itm_rerank_scores, recall_metrics
 from engine.trainer import Trainer, TrainOptions, print0
 from models.albef import ALBEFRetrieval
@@ -29,7 +28,7 @@ from models.pretrained import load_bert_weights
 from optim import OptimizerConfig, create_optimizer
 from scheduler import SchedulerConfig, create_scheduler
 from utils import distributed as du
-from utils.config import ConfigError, to_dict
+from utils.config import to_dict
 
 
 @dataclass
@@ -157,8 +156,4 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

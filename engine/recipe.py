@@ -94,3 +94,14 @@ def setup_run(cls, args: argparse.Namespace):
         save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
     # The tokenizer comes first: the model's vocabulary and special-token ids come from it.
     return cfg, info.device, load_tokenizer(cfg.tokenizer or cfg.text_encoder)
+
+
+def run_cli(main) -> None:
+    """Run a script's ``main()``; a config error prints one line naming the file and key and exits with 2."""
+    import sys
+
+    try:
+        main()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
