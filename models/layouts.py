@@ -118,6 +118,11 @@ def _bert_key(owner: str, kind: str, layer: Optional[int], rest: str, bert: bool
     return f"{owner}.bert.{body}" if bert else f"{owner}.{body}"
 
 
+def _dropped_for_task(top: str, distill: bool) -> bool:
+    """Top-level modules a task model (VQA, VE) does not take from a pre-training checkpoint."""
+    return top in _PROJ + _PROJ_M + _QUEUES + ("temp", "itm_head") or (_is_momentum(top) and not distill)
+
+
 def pretrain_to_vqa(sd: StateDict, fusion_layer: int = 6, distill: bool = True) -> Mapping:
     """Pre-training -> VQA layout (reference §4.4).
 
@@ -145,7 +150,7 @@ def pretrain_to_vqa(sd: StateDict, fusion_layer: int = 6, distill: bool = True) 
     dropped: List[str] = []
     for k, v in sd.items():
         top = k.split(".")[0]
-        if top in _PROJ + _PROJ_M + _QUEUES + ("temp", "itm_head") or (_is_momentum(top) and not distill):
+        if _dropped_for_task(top, distill):
             dropped.append(k)
         elif top in _VISUAL:
             out[k] = v
@@ -177,7 +182,7 @@ def pretrain_to_ve(sd: StateDict, distill: bool = True) -> Mapping:
     dropped: List[str] = []
     for k, v in sd.items():
         top = k.split(".")[0]
-        if top in _PROJ + _PROJ_M + _QUEUES + ("temp", "itm_head") or (_is_momentum(top) and not distill):
+        if _dropped_for_task(top, distill):
             dropped.append(k)
         elif top in _VISUAL:
             out[k] = v
