@@ -23,7 +23,7 @@ from engine.recipe import ModelKeys, base_parser, run_cli, setup_run
 from engine.retrieval import itm_rerank_scores, recall_metrics
 from engine.trainer import Trainer, TrainOptions, print0
 from models.albef import ALBEFRetrieval
-from models.convert import load_into_retrieval
+from models.convert import load_checkpoint
 from models.pretrained import load_bert_weights
 from optim import OptimizerConfig, create_optimizer
 from scheduler import SchedulerConfig, create_scheduler
@@ -90,7 +90,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     cfg, device, tokenizer = setup_run(RetrievalConfig, args)
     model = ALBEFRetrieval(cfg.albef_config(tokenizer, args.config), distill=cfg.distill, clamp_temp=cfg.clamp_temp)
     if args.checkpoint:  # a checkpoint provides every weight: no BERT download
-        load_into_retrieval(model, args.checkpoint, verbose=du.is_main_process())
+        load_checkpoint(model, args.checkpoint, verbose=du.is_main_process())
     elif cfg.text_encoder:
         load_bert_weights(model.text_encoder, cfg.text_encoder)  # BertModel keys are the BERT body's
         model.copy_params()

@@ -8,29 +8,41 @@
     logits = model.itm_logits(fused)                     # [B, 2]
     logits = model.mlm_logits(input_ids, attention_mask, img.embeds)   # [B, L, vocab], pre-training layout only
     model.tokenizer, model.transform                     # tokenizer; test-time image transform
+
+Task checkpoints give their task model: ``vqa`` -> :class:`ALBEFVQA` (``.answer``), ``ve`` / ``nlvr`` ->
+:class:`ALBEFVE` / :class:`ALBEFNLVR` (``.classify``), ``nlvr_ta`` -> :class:`ALBEFTextAssignment`.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
+from torch import nn
 
 from models.albef import ALBEF, ALBEFConfig, ALBEFRetrieval, Encoded
+from models.classifiers import ALBEFNLVR, ALBEFTextAssignment, ALBEFVE
+from models.vqa import ALBEFVQA
 
-__all__ = ["ALBEF", "ALBEFConfig", "ALBEFRetrieval", "Encoded", "load_model"]
+__all__ = ["ALBEF", "ALBEFConfig", "ALBEFRetrieval", "ALBEFVQA", "ALBEFVE", "ALBEFNLVR", "ALBEFTextAssignment",
+           "Encoded", "MODEL_FOR_LAYOUT", "load_model"]
+
+MODEL_FOR_LAYOUT = {"pretrain": ALBEF, "retrieval": ALBEFRetrieval, "vqa": ALBEFVQA, "ve": ALBEFVE,
+                    "nlvr": ALBEFNLVR, "nlvr_ta": ALBEFTextAssignment}
 
 
 def load_model(checkpoint: str, config: str, device: Union[str, torch.device] = "cpu",
-               tokenizer: Optional[str] = None) -> Union[ALBEF, ALBEFRetrieval]:
-    """Build the model that fits ``checkpoint``'s layout (pre-training -> :class:`ALBEF`, retrieval ->
-    :class:`ALBEFRetrieval`), sized by the model keys of ``config`` (any task YAML), load the weights with the
-    checked mapping, and return it in eval mode with ``.tokenizer`` and ``.transform`` attached.
+               tokenizer: Optional[str] = None) -> nn.Module:
+    """Build the model that fits ``checkpoint``'s layout (:data:`MODEL_FOR_LAYOUT`), sized by the model keys of
+    ``config`` (any task YAML), load the weights with the checked mapping, and return it in eval mode with
+    ``.tokenizer`` and ``.transform`` attached.
 
-    The queue length is taken from the checkpoint; position embeddings are resized to the config's ``image_res``.
+    The queue length is taken from the checkpoint; position embeddings are resized to the config's ``image_res``;
+    task models get momentum copies only if the checkpoint has momentum weights.
     """
     from dataset.transforms import eval_transform
     from engine.recipe import ModelKeys
-    from models.convert import detect_layout, load_into_retrieval, resize_pos_embeds, strip_wrappers
+    from models.convert import load_checkpoint, strip_wrappers
+    from models.layouts import detect_layout
     from models.pretrained import load_state_dict_file
     from models.tokenizer import load_tokenizer
     from utils.config import from_dict, yaml_load
@@ -45,12 +57,12 @@ def load_model(checkpoint: str, config: str, device: Union[str, torch.device] = 
     tok = load_tokenizer(tokenizer or cfg.tokenizer or cfg.text_encoder)
     model_cfg = cfg.albef_config(tok, config)
     layout = detect_layout(sd)
-    if layout == "pretrain":
-        model = ALBEF(model_cfg)
-        model.load_state_dict(resize_pos_embeds(sd, model.visual_encoder.patch_embed.num_patches), strict=True)
+    cls = MODEL_FOR_LAYOUT[layout]
+    if cls in (ALBEFVQA, ALBEFVE, ALBEFNLVR):
+        model = cls(model_cfg, distill=any(k.split(".")[0].endswith("_m") for k in sd))
     else:
-        model = ALBEFRetrieval(model_cfg)
-        load_into_retrieval(model, checkpoint, verbose=False)
+        model = cls(model_cfg)
+    load_checkpoint(model, sd, verbose=False)
     model.tokenizer = tok
     model.transform = eval_transform(cfg.image_res)
     return model.to(device).eval()

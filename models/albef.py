@@ -12,15 +12,15 @@ Submodule and buffer names reproduce the original checkpoint layout (``visual_en
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.bert import BertConfig, BertForMaskedLM, BertModel, init_bert_weights
+from models.momentum import MomentumMixin
 from models.losses import distill_targets, itc_loss, mask_tokens, mlm_loss, sample_hard_negatives
 from models.vit import VisionConfig, create_vit
 from utils.distributed import all_gather_no_grad
@@ -63,7 +63,7 @@ def _trunc_normal_init(module: nn.Linear, std: float = 0.02) -> None:
     nn.init.zeros_(module.bias)
 
 
-class ALBEFBase(nn.Module):
+class ALBEFBase(MomentumMixin, nn.Module):
     """What every ALBEF variant with ITC + ITM shares: encoders, projections, ``temp``, ``itm_head``, the momentum
     copies and the feature queues. Subclasses choose the text encoder class and the objectives."""
 
@@ -82,14 +82,7 @@ class ALBEFBase(nn.Module):
             _trunc_normal_init(m)
 
         # Momentum (EMA) copies; never trained by the optimizer.
-        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
-        self.vision_proj_m = copy.deepcopy(self.vision_proj)
-        self.text_encoder_m = copy.deepcopy(self.text_encoder)
-        if hasattr(self.text_encoder_m, "tie_weights"):
-            self.text_encoder_m.tie_weights()
-        self.text_proj_m = copy.deepcopy(self.text_proj)
-        for p in self.momentum_parameters():
-            p.requires_grad_(False)
+        self.add_momentum_copies(["visual_encoder", "vision_proj", "text_encoder", "text_proj"])
 
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
@@ -99,30 +92,6 @@ class ALBEFBase(nn.Module):
     def _bert(encoder: nn.Module) -> nn.Module:
         """The BERT body: ``text_encoder.bert`` in the pre-training layout, ``text_encoder`` itself otherwise."""
         return encoder.bert if hasattr(encoder, "bert") else encoder
-
-    # ----------------------------------------------------------------------------------------- structure
-    def model_pairs(self):
-        return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
-                (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
-
-    def momentum_parameters(self) -> List[nn.Parameter]:
-        return [p for _, m in self.model_pairs() for p in m.parameters()]
-
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Make every momentum parameter equal to its online parameter (after loading new online weights)."""
-        for online, mom in self.model_pairs():
-            for p, p_m in zip(online.parameters(), mom.parameters()):
-                p_m.copy_(p)
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """``theta_m <- m * theta_m + (1 - m) * theta`` for all momentum parameters, as two foreach kernels."""
-        m = self.cfg.momentum
-        online = [p for o, _ in self.model_pairs() for p in o.parameters()]
-        mom = self.momentum_parameters()
-        torch._foreach_mul_(mom, m)
-        torch._foreach_add_(mom, online, alpha=1.0 - m)
 
     # ------------------------------------------------------------------------------------- encoders
     def encode_image(self, image: torch.Tensor, momentum: bool = False) -> Encoded:
@@ -205,6 +174,8 @@ class ALBEFBase(nn.Module):
 class ALBEF(ALBEFBase):
     """Pre-training model. ``forward(image, input_ids, attention_mask, alpha)`` returns a dict of losses."""
 
+    layout = "pretrain"
+
     def __init__(self, cfg: ALBEFConfig):
         super().__init__(cfg, BertForMaskedLM(cfg.bert))
 
@@ -255,6 +226,8 @@ class ALBEFRetrieval(ALBEFBase):
 
     As the original, ``temp`` is not clamped here unless ``clamp_temp`` is set.
     """
+
+    layout = "retrieval"
 
     def __init__(self, cfg: ALBEFConfig, distill: bool = True, clamp_temp: bool = False):
         super().__init__(cfg, BertModel(cfg.bert))

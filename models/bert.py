@@ -360,6 +360,32 @@ class BertForMaskedLM(nn.Module):
         return self.cls(hidden)
 
 
+class BertLMHeadModel(BertForMaskedLM):
+    """The same weights as :class:`BertForMaskedLM` (``bert`` + ``cls``), run as a left-to-right decoder: causal
+    self-attention, cross-attention in every layer from ``fusion_layer`` on (0 for ALBEF's VQA answer decoder).
+    Position ``t``'s logits predict token ``t + 1``."""
+
+    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                mode: str = "multi_modal") -> torch.Tensor:
+        hidden = self.bert(input_ids, attention_mask, encoder_hidden_states=encoder_hidden_states,
+                           encoder_attention_mask=encoder_attention_mask, mode=mode, is_decoder=True)
+        return self.cls(hidden)
+
+
+def tie_cross_attention_kv(bert: BertModel) -> None:
+    """NLVR2's two-image fusion: fusion layers come in pairs ``(f + 2i, f + 2i + 1)`` that read image 0 and image 1;
+    the pair shares its cross-attention key and value projections (one ``nn.Parameter`` under both layers' names,
+    as the original ``share_cross_attention``). Query, output dense and LayerNorm stay separate."""
+    layers, f = bert.encoder.layer, bert.config.fusion_layer
+    if (len(layers) - f) % 2:
+        raise ValueError(f"tying cross-attention in pairs needs an even number of fusion layers, got {len(layers) - f}")
+    for i in range(f, len(layers), 2):
+        first, second = layers[i].crossattention.self, layers[i + 1].crossattention.self
+        for name in ("key", "value"):
+            getattr(first, name).weight = getattr(second, name).weight
+            getattr(first, name).bias = getattr(second, name).bias
+
+
 @torch.no_grad()
 def init_bert_weights(module: nn.Module, initializer_range: float = 0.02) -> None:
     """BERT's initialisation: N(0, initializer_range) for Linear/Embedding, zero bias and padding row, LN 1/0."""

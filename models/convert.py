@@ -1,26 +1,26 @@
-"""Mapping ALBEF checkpoints between model layouts (reference: the original's per-script key surgery).
+"""Loading any ALBEF checkpoint into any ALBEF model, through the checked key mappings of ``models/layouts.py``.
 
-Layouts handled so far:
+Layouts (reference §4.1): ``pretrain`` (``ALBEF.pth``, ``ALBEF_4M.pth``, Pretrain.py checkpoints), ``retrieval``
+(``mscoco.pth``, ``flickr30k.pth``, grounding; ``refcoco.pth`` is a raw state dict without the ``'model'``
+wrapper), ``vqa`` (``vqa.pth``), ``ve``, ``nlvr_ta`` (``pretrain_model_nlvr.pth``) and ``nlvr``. A model loads its
+own layout and the layouts it is fine-tuned from (see :data:`models.layouts.TRANSITIONS`).
 
-* ``pretrain``: ``text_encoder.bert.*`` + ``text_encoder.cls.*`` (MLM head), queues (``ALBEF.pth``, ``ALBEF_4M.pth``,
-  checkpoints of ``Pretrain.py``);
-* ``retrieval``: ``text_encoder.*`` without ``bert.``, no MLM head, plus ``idx_queue`` (``mscoco.pth``,
-  ``flickr30k.pth``, ``refcoco.pth`` — the latter a raw state dict without the ``'model'`` wrapper).
-
-Every mapping states exactly which keys it drops and which the target may lack; anything else is an error
-(no silent ``strict=False``).
+Every load states what it dropped and what the model kept at its initial value; anything beyond what the
+mapping expects raises (no silent ``strict=False``). Position embeddings are resized to the model's resolution.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, Union
 
 import torch
 from torch import nn
 
+from models.layouts import FRESH_KEYS, detect_layout, map_layout
 from models.pretrained import load_state_dict_file
 from models.vit import interpolate_pos_embed
 
 POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
+QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
 
 
 def resize_pos_embeds(sd: Dict[str, torch.Tensor], num_patches: int) -> Dict[str, torch.Tensor]:
@@ -29,25 +29,6 @@ def resize_pos_embeds(sd: Dict[str, torch.Tensor], num_patches: int) -> Dict[str
         if k in sd:
             sd[k] = interpolate_pos_embed(sd[k], num_patches)
     return sd
-
-
-def detect_layout(sd: Dict[str, torch.Tensor]) -> str:
-    if any(k.startswith("text_encoder.bert.") for k in sd):
-        return "pretrain"
-    if any(k.startswith("text_encoder.encoder.layer.") for k in sd):
-        return "retrieval"
-    raise ValueError("unrecognised checkpoint layout: no text_encoder.bert.* or text_encoder.encoder.* keys")
-
-
-def pretrain_to_retrieval(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """``text_encoder(_m).bert.X -> text_encoder(_m).X``; the MLM heads are dropped. Returns (state, dropped)."""
-    out, dropped = {}, []
-    for k, v in sd.items():
-        if k.startswith(("text_encoder.cls.", "text_encoder_m.cls.")):
-            dropped.append(k)
-            continue
-        out[k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.", "text_encoder_m.")] = v
-    return out, dropped
 
 
 def strip_wrappers(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -61,40 +42,72 @@ def strip_wrappers(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def load_into_retrieval(model: nn.Module, path: str, verbose: bool = True) -> Dict[str, List[str]]:
-    """Load a pre-training or retrieval checkpoint into :class:`models.albef.ALBEFRetrieval`.
+def _group(key: str) -> str:
+    """``text_encoder.cls.predictions.bias -> text_encoder.cls``, ``vision_proj.weight -> vision_proj``."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1] == "cls" else parts[0]
 
-    Position embeddings are resized to the model's resolution (e.g. 256 -> 384 px). From a pre-training
-    checkpoint the MLM heads are dropped and ``idx_queue`` starts at -100 (the original's behaviour: the
-    pre-training queues are kept as negatives whose ids never match). A checkpoint without momentum weights
-    (``refcoco.pth``-style) gets them copied from the online weights. Any other mismatch raises.
+
+def _is_momentum_key(key: str) -> bool:
+    return key.split(".")[0].endswith("_m")
+
+
+def load_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Tensor]], verbose: bool = True
+                    ) -> Dict[str, object]:
+    """Load ``checkpoint`` (a path or a state dict, any layout the model accepts) into ``model``.
+
+    * The checkpoint's layout is detected from its keys and mapped to ``model.layout``.
+    * Momentum weights: taken from the checkpoint's momentum weights when it has them; when it has none at all
+      (``refcoco.pth``, ``pretrain_model_nlvr.pth``) they are copied from the loaded online weights afterwards (the
+      original's NLVR.py copied them *before* loading, leaving its teacher at the initialisation: bug 8.3-4). A
+      model without momentum copies drops the checkpoint's.
+    * Allowed to stay at their initial values: the task heads the target trains from scratch
+      (:data:`models.layouts.FRESH_KEYS`), and the queues of a raw retrieval state dict that has none.
+
+    Returns a report ``{"source", "target", "dropped", "missing", "momentum_from_online"}``.
     """
-    sd = strip_wrappers(load_state_dict_file(path))
-    layout = detect_layout(sd)
-    dropped: List[str] = []
-    if layout == "pretrain":
-        sd, dropped = pretrain_to_retrieval(sd)
-    resize_pos_embeds(sd, model.visual_encoder.patch_embed.num_patches)
+    name = checkpoint if isinstance(checkpoint, str) else "<state dict>"
+    sd = load_state_dict_file(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    sd = strip_wrappers(sd)
+    source, target = detect_layout(sd), model.layout
     expected = model.state_dict()
+    has_momentum = any(_is_momentum_key(k) for k in expected)
+    try:
+        sd, dropped = map_layout(sd, source, target, fusion_layer=model.cfg.bert.fusion_layer,
+                                 distill=has_momentum)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if not has_momentum:  # e.g. a retrieval/pretrain checkpoint into a distill=False model that has no copies
+        extra = [k for k in sd if _is_momentum_key(k)]
+        dropped += extra
+        sd = {k: v for k, v in sd.items() if k not in set(extra)}
+    resize_pos_embeds(sd, model.visual_encoder.patch_embed.num_patches)
     for k, v in sd.items():
         if k in expected and expected[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
-                             + (" (set queue_size to the checkpoint's)" if "queue" in k else ""))
+            hint = " (set queue_size to the checkpoint's)" if "queue" in k else ""
+            raise ValueError(f"{name}: {k} has shape {tuple(v.shape)}, the {target} model expects "
+                             f"{tuple(expected[k].shape)}{hint}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    allowed_missing = {"idx_queue"} if layout == "pretrain" else set()
-    momentum_missing = [k for k in missing if k.split(".")[0].endswith("_m")]
-    if momentum_missing and len(momentum_missing) == sum(1 for k in expected if k.split(".")[0].endswith("_m")):
-        model.copy_params()  # no momentum weights at all: start them from the online ones
-        missing = [k for k in missing if k not in momentum_missing]
-    queue_missing = [k for k in missing if k in ("image_queue", "text_queue", "queue_ptr", "idx_queue")]
-    if queue_missing and layout == "retrieval" and not any("queue" in k for k in sd):
-        allowed_missing |= set(queue_missing)  # raw fine-tuned weights without queues: fresh queues
-    bad_missing = [k for k in missing if k not in allowed_missing]
+
+    momentum_from_online = has_momentum and not any(_is_momentum_key(k) for k in sd)
+    if momentum_from_online:
+        model.copy_params()
+    fresh = FRESH_KEYS.get((source, target), ())
+    if target == "retrieval" and not any(k in sd for k in QUEUE_KEYS):
+        fresh += QUEUE_KEYS  # raw fine-tuned weights without queues: fresh queues
+    bad_missing = [k for k in missing if not k.startswith(fresh)
+                   and not (momentum_from_online and _is_momentum_key(k))]
     if bad_missing or unexpected:
-        raise ValueError(f"{path} ({layout} layout) does not fit the retrieval model: missing {bad_missing[:10]}, "
-                         f"unexpected {list(unexpected)[:10]}")
-    report = {"layout": [layout], "dropped": dropped, "missing": list(missing)}
+        raise ValueError(f"{name} ({source} layout) does not fit the {target} model: missing {bad_missing[:10]}"
+                         f"{' ...' if len(bad_missing) > 10 else ''}, unexpected {list(unexpected)[:10]}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+    report = {"source": source, "target": target, "dropped": dropped,
+              "missing": [k for k in missing if not (momentum_from_online and _is_momentum_key(k))],
+              "momentum_from_online": momentum_from_online}
     if verbose:
-        print(f"loaded {path} ({layout} layout): dropped {len(dropped)} keys (MLM heads), "
-              f"kept defaults for {sorted(missing) or 'nothing'}")
+        fresh_note = sorted({k.split(".")[0] for k in report["missing"]}) or "nothing"
+        print(f"loaded {name} ({source} -> {target}): dropped {len(dropped)} keys"
+              f"{' (' + ', '.join(sorted({_group(k) for k in dropped})) + ')' if dropped else ''}; "
+              f"initial values kept for {fresh_note}"
+              f"{'; momentum weights copied from the online ones' if momentum_from_online else ''}")
     return report

@@ -25,11 +25,10 @@ Mappings (``fusion_layer`` = first layer with cross-attention, 6 for the release
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from models.convert import detect_layout
 
 StateDict = Dict[str, torch.Tensor]
 Mapping = Tuple[StateDict, List[str]]
@@ -41,6 +40,63 @@ _QUEUES = ("image_queue", "text_queue", "queue_ptr")
 _TEXT = ("text_encoder", "text_encoder_m")
 _VISUAL = ("visual_encoder", "visual_encoder_m")
 _PRETRAIN_TOPS = set(_PROJ + _PROJ_M + _QUEUES + _TEXT + _VISUAL + ("temp", "itm_head"))
+
+
+LAYOUTS = ("pretrain", "retrieval", "vqa", "ve", "nlvr_ta", "nlvr")
+
+
+def detect_layout(sd: StateDict) -> str:
+    """Which model a state dict belongs to (reference §4.1), from its keys alone:
+
+    ``vqa`` (``text_decoder.*``), ``nlvr_ta`` (``ta_head.*``), ``nlvr`` / ``ve`` (``cls_head.*`` with 2 / 3 classes),
+    ``pretrain`` (``text_encoder.bert.*``), ``retrieval`` (``text_encoder.encoder.*``: also grounding, ``refcoco.pth``).
+    """
+    tops = {k.split(".")[0] for k in sd}
+    if "text_decoder" in tops:
+        return "vqa"
+    if "ta_head" in tops:
+        return "nlvr_ta"
+    if "cls_head" in tops:
+        head = sd.get("cls_head.2.weight")
+        classes = None if head is None else head.shape[0]
+        if classes not in (2, 3):
+            raise ValueError(f"unrecognised checkpoint layout: cls_head.2.weight should have 2 (NLVR2) or 3 (SNLI-VE) "
+                             f"rows, got {None if head is None else tuple(head.shape)}")
+        return "nlvr" if classes == 2 else "ve"
+    if any(k.startswith("text_encoder.bert.") for k in sd):
+        return "pretrain"
+    if any(k.startswith("text_encoder.encoder.layer.") for k in sd):
+        return "retrieval"
+    raise ValueError("unrecognised checkpoint layout: none of text_decoder.*, ta_head.*, cls_head.*, "
+                     "text_encoder.bert.* or text_encoder.encoder.layer.* is present")
+
+
+def infer_fusion_layer(sd: StateDict, owner: str = "text_encoder") -> int:
+    """The first BERT layer of ``owner`` with cross-attention (6 in every released checkpoint)."""
+    cross = [int(k.split(".")[k.split(".").index("layer") + 1]) for k in sd
+             if k.startswith(owner + ".") and ".crossattention." in k and ".layer." in k]
+    if not cross:
+        raise ValueError(f"no {owner} layer has cross-attention: cannot tell the fusion layer")
+    return min(cross)
+
+
+def pretrain_to_retrieval(sd: StateDict) -> Mapping:
+    """Pre-training -> retrieval / grounding layout (reference §4.3): ``text_encoder(_m).bert.X ->
+    text_encoder(_m).X``; the MLM heads ``text_encoder(_m).cls.*`` are dropped; everything else (projections,
+    ``temp``, ``itm_head``, momentum weights and the pre-training queues) is kept. The target lacks ``idx_queue``."""
+    _check_pretrain(sd, "pretrain_to_retrieval")
+    out: StateDict = {}
+    dropped: List[str] = []
+    for k, v in sd.items():
+        if k.split(".")[0] in _TEXT:
+            owner, kind, layer, rest = _parse_text_key(k)
+            if kind == "cls":
+                dropped.append(k)
+            else:
+                out[_bert_key(owner, kind, layer, rest, bert=False)] = v
+        else:
+            out[k] = v
+    return out, dropped
 
 
 def _is_momentum(top: str) -> bool:
@@ -263,9 +319,43 @@ def nlvr_ta_to_nlvr(sd: StateDict) -> Mapping:
     return out, dropped
 
 
-LAYOUT_MAPPINGS: Dict[str, Callable[..., Mapping]] = {
-    "pretrain_to_vqa": pretrain_to_vqa,
-    "pretrain_to_ve": pretrain_to_ve,
-    "pretrain_to_nlvr_ta": pretrain_to_nlvr_ta,
-    "nlvr_ta_to_nlvr": nlvr_ta_to_nlvr,
+# Checkpoint -> model transitions (``(source, target)``) and the mapping each one runs.
+TRANSITIONS = {
+    ("pretrain", "retrieval"): lambda sd, f, d: pretrain_to_retrieval(sd),
+    ("pretrain", "vqa"): lambda sd, f, d: pretrain_to_vqa(sd, f, d),
+    ("pretrain", "ve"): lambda sd, f, d: pretrain_to_ve(sd, d),
+    ("pretrain", "nlvr_ta"): lambda sd, f, d: pretrain_to_nlvr_ta(sd, f),
+    ("nlvr_ta", "nlvr"): lambda sd, f, d: nlvr_ta_to_nlvr(sd),
 }
+
+# What a model may lack after loading a checkpoint of another layout: the heads it trains from scratch
+# (prefixes). ``nlvr`` from ``nlvr_ta`` also lacks every momentum weight; loaders copy them from the online ones.
+FRESH_KEYS = {
+    ("pretrain", "retrieval"): ("idx_queue",),
+    ("pretrain", "ve"): ("cls_head.", "cls_head_m."),
+    ("pretrain", "nlvr_ta"): ("ta_head.",),
+    ("nlvr_ta", "nlvr"): ("cls_head.", "cls_head_m."),
+}
+
+
+def map_layout(sd: StateDict, source: str, target: str, fusion_layer: Optional[int] = None,
+               distill: bool = True) -> Mapping:
+    """Map a state dict of layout ``source`` to ``target`` (identity when equal). ``fusion_layer`` defaults to
+    the checkpoint's own; ``distill=False`` drops the momentum weights of task layouts."""
+    if source == target:
+        out, dropped = dict(sd), []
+        if not distill and target in ("vqa", "ve", "nlvr"):
+            dropped = [k for k in sd if _is_momentum(k.split(".")[0])]
+            out = {k: v for k, v in sd.items() if k not in set(dropped)}
+        return out, dropped
+    fn = TRANSITIONS.get((source, target))
+    if fn is None:
+        hint = {"nlvr": ": NLVR2 starts from a text-assignment checkpoint (convert the pre-trained one with "
+                        "--to nlvr_ta and run text-assignment pre-training first, as the paper)"}.get(target, "")
+        sources = sorted(s for s, t in TRANSITIONS if t == target) + [target]
+        raise ValueError(f"cannot map a {source} checkpoint to the {target} layout (a {target} model loads "
+                         f"{' or '.join(sources)} checkpoints){hint}")
+    if fusion_layer is None and source == "pretrain":
+        fusion_layer = infer_fusion_layer({k: v for k, v in sd.items() if k.startswith("text_encoder.")})
+    return fn(sd, fusion_layer, distill)
+

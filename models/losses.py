@@ -107,3 +107,22 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_labels: Optional[t
         distill = -(log_probs * soft_labels).sum(dim=-1)
         loss = (1 - alpha) * loss + alpha * (distill * selected).sum() / count
     return loss
+
+
+def answer_nll(logits: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int,
+               soft_labels: Optional[torch.Tensor] = None, alpha: float = 0.0) -> torch.Tensor:
+    """Per-sequence negative log-likelihood of a causal decoder, summed over tokens: [N].
+
+    ``logits`` [N, L, V] at positions ``0..L-1`` predict tokens ``1..L`` of ``input_ids`` [N, L] (token 0, [CLS], is
+    the start token and never a target; padding is ignored). With ``soft_labels`` [N, L-1, V] (the teacher's
+    distributions for the same targets) the loss is ``(1 - alpha) * nll + alpha * sum_t H(soft_t, p_t)`` over the
+    same non-padding positions, as the original VQA decoder.
+    """
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    valid = targets != pad_token_id
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100), reduction="none").sum(1)
+    if soft_labels is None:
+        return nll
+    distill = -(F.log_softmax(logits, dim=-1) * soft_labels).sum(-1)
+    return (1.0 - alpha) * nll + alpha * (distill * valid).sum(1)

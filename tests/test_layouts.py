@@ -1,16 +1,14 @@
-"""Pre-training -> task layout key mappings (models/layouts.py) against key sets built from our own modules."""
-import copy
-import dataclasses
-
+"""Pre-training -> task layout key mappings (models/layouts.py) against key sets of our task models."""
 import pytest
 import torch
-from torch import nn
 
 from models.albef import ALBEF, ALBEFConfig
-from models.bert import BertConfig, BertForMaskedLM, BertModel
-from models.layouts import (LAYOUT_MAPPINGS, nlvr_ta_to_nlvr, pretrain_to_nlvr_ta, pretrain_to_ve,
+from models.bert import BertConfig
+from models.classifiers import ALBEFNLVR, ALBEFTextAssignment, ALBEFVE
+from models.layouts import (TRANSITIONS, nlvr_ta_to_nlvr, pretrain_to_nlvr_ta, pretrain_to_ve,
                             pretrain_to_vqa)
 from models.vit import VisionConfig
+from models.vqa import ALBEFVQA
 
 LAYERS, FUSION = 4, 2
 PRETRAIN_ONLY = {"vision_proj", "text_proj", "vision_proj_m", "text_proj_m", "temp", "itm_head", "image_queue",
@@ -41,28 +39,6 @@ def sd(pretrain):
     return dict(pretrain.state_dict())
 
 
-def _container(**modules) -> nn.Module:
-    m = nn.Module()
-    for name, mod in modules.items():
-        setattr(m, name, mod)
-    return m
-
-
-def _vqa_target(pretrain, distill):
-    bert = pretrain.cfg.bert
-    dec_cfg = dataclasses.replace(bert, fusion_layer=0, num_hidden_layers=LAYERS - FUSION,
-                                  encoder_width=bert.hidden_size)
-    mods = dict(visual_encoder=copy.deepcopy(pretrain.visual_encoder), text_encoder=BertModel(bert),
-                text_decoder=BertForMaskedLM(dec_cfg))
-    if distill:
-        mods.update({k + "_m": copy.deepcopy(v) for k, v in mods.items()})
-    return _container(**mods)
-
-
-def _ta_bert(bert):
-    return BertModel(dataclasses.replace(bert, num_hidden_layers=FUSION + 2 * (LAYERS - FUSION)))
-
-
 def _assert_fits(mapped, target, missing=()):
     """Key sets equal both ways (minus the documented missing ones), shapes equal, strict load works."""
     expected = target.state_dict()
@@ -81,7 +57,7 @@ def _top(keys):
 @pytest.mark.parametrize("distill", [True, False])
 def test_vqa_mapping(pretrain, sd, distill):
     mapped, dropped = pretrain_to_vqa(sd, fusion_layer=FUSION, distill=distill)
-    _assert_fits(mapped, _vqa_target(pretrain, distill))
+    _assert_fits(mapped, ALBEFVQA(pretrain.cfg, distill=distill))
     dropped_tops = PRETRAIN_ONLY if distill else PRETRAIN_ONLY | {"visual_encoder_m", "text_encoder_m"}
     assert _top(dropped) == dropped_tops
     assert set(mapped) | set(dropped) >= {k for k in sd if not k.startswith(("text_encoder.", "text_encoder_m."))}
@@ -121,13 +97,9 @@ def test_vqa_mapping_default_fusion_on_twelve_layers():
 @pytest.mark.parametrize("distill", [True, False])
 def test_ve_mapping(pretrain, sd, distill):
     mapped, dropped = pretrain_to_ve(sd, distill=distill)
-    mods = dict(visual_encoder=copy.deepcopy(pretrain.visual_encoder), text_encoder=BertModel(pretrain.cfg.bert),
-                cls_head=nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)))
-    if distill:
-        mods.update({k + "_m": copy.deepcopy(v) for k, v in mods.items()})
     missing = {f"cls_head{s}.{i}.{p}" for s in (("", "_m") if distill else ("",)) for i in (0, 2)
                for p in ("weight", "bias")}
-    _assert_fits(mapped, _container(**mods), missing)
+    _assert_fits(mapped, ALBEFVE(pretrain.cfg, distill=distill), missing)
     assert all(k.startswith(("text_encoder.cls.", "text_encoder_m.cls.")) or k.split(".")[0] in PRETRAIN_ONLY
                or (not distill and k.split(".")[0].endswith("_m")) for k in dropped)
     assert any(k.startswith("text_encoder.cls.") for k in dropped)
@@ -142,9 +114,7 @@ def test_ve_mapping(pretrain, sd, distill):
 
 def test_nlvr_ta_mapping(pretrain, sd):
     mapped, dropped = pretrain_to_nlvr_ta(sd, fusion_layer=FUSION)
-    target = _container(visual_encoder=copy.deepcopy(pretrain.visual_encoder), text_encoder=_ta_bert(pretrain.cfg.bert),
-                        vision_proj=nn.Linear(32, 8), text_proj=nn.Linear(32, 8), ta_head=nn.Linear(32, 3))
-    target.temp = nn.Parameter(torch.tensor(0.07))
+    target = ALBEFTextAssignment(pretrain.cfg)
     _assert_fits(mapped, target, missing={"ta_head.weight", "ta_head.bias"})
     assert not any(k.split(".")[0].endswith("_m") for k in mapped)
     assert _top(dropped) == {"visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m", "itm_head",
@@ -169,9 +139,7 @@ def test_nlvr_mapping_from_ta(pretrain, sd):
     mapped, dropped = nlvr_ta_to_nlvr(ta)
     assert set(dropped) == {"vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp",
                             "ta_head.weight", "ta_head.bias"}
-    cls_head = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
-    target = _container(visual_encoder=copy.deepcopy(pretrain.visual_encoder), text_encoder=_ta_bert(pretrain.cfg.bert),
-                        cls_head=cls_head)
+    target = ALBEFNLVR(pretrain.cfg, distill=False)
     _assert_fits(mapped, target, missing={f"cls_head.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")})
     assert all(mapped[k] is ta[k] for k in mapped)
 
@@ -213,5 +181,5 @@ def test_bad_inputs_are_refused(sd):
 
 
 def test_registry():
-    assert LAYOUT_MAPPINGS == {"pretrain_to_vqa": pretrain_to_vqa, "pretrain_to_ve": pretrain_to_ve,
-                               "pretrain_to_nlvr_ta": pretrain_to_nlvr_ta, "nlvr_ta_to_nlvr": nlvr_ta_to_nlvr}
+    assert set(TRANSITIONS) == {("pretrain", "retrieval"), ("pretrain", "vqa"), ("pretrain", "ve"),
+                                ("pretrain", "nlvr_ta"), ("nlvr_ta", "nlvr")}

@@ -229,7 +229,7 @@ def test_retrieval_protocol_matches_original(state, expected):
     """Pre-training state -> retrieval layout (the original drops 'bert.' and ignores the MLM heads), then the
     original evaluation protocol: ITC top-k, ITM positive logit on the k candidates, -100 elsewhere; recalls."""
     from engine.retrieval import itm_rerank_scores, recall_metrics
-    from models.convert import pretrain_to_retrieval
+    from models.layouts import pretrain_to_retrieval
 
     rmodel = ALBEFRetrieval(tiny_config())
     sd, dropped = pretrain_to_retrieval(dict(state))

@@ -11,7 +11,7 @@ import Retrieval
 from engine.retrieval import recall_metrics
 from models.albef import ALBEF, ALBEFConfig, ALBEFRetrieval
 from models.bert import BertConfig
-from models.convert import load_into_retrieval
+from models.convert import load_checkpoint
 from models.vit import VisionConfig
 from tests.conftest import ROOT, write_tiny_config
 
@@ -88,7 +88,7 @@ def test_pretrain_checkpoint_maps_to_retrieval(tmp_path):
     pre = ALBEF(_cfg())
     torch.save({"model": pre.state_dict()}, tmp_path / "pre.pth")
     ret = ALBEFRetrieval(_cfg(image_res=24))  # 2x2 -> 3x3 patches: pos-embed resized
-    report = load_into_retrieval(ret, str(tmp_path / "pre.pth"), verbose=False)
+    report = load_checkpoint(ret, str(tmp_path / "pre.pth"), verbose=False)
     assert report["missing"] == ["idx_queue"] and len(report["dropped"]) == 2 * 7
     sd_pre, sd_ret = pre.state_dict(), ret.state_dict()
     assert torch.equal(sd_ret["text_encoder.encoder.layer.0.attention.self.query.weight"],
@@ -101,10 +101,10 @@ def test_pretrain_checkpoint_maps_to_retrieval(tmp_path):
     # a retrieval checkpoint loads back with nothing missing; a raw state dict (refcoco.pth style) too
     torch.save(ret.state_dict(), tmp_path / "raw.pth")
     again = ALBEFRetrieval(_cfg(image_res=24))
-    assert load_into_retrieval(again, str(tmp_path / "raw.pth"), verbose=False)["missing"] == []
+    assert load_checkpoint(again, str(tmp_path / "raw.pth"), verbose=False)["missing"] == []
     # a wrong queue size is an error that says what to do
     with pytest.raises(ValueError, match="queue_size"):
-        load_into_retrieval(ALBEFRetrieval(_cfg(queue_size=16)), str(tmp_path / "pre.pth"), verbose=False)
+        load_checkpoint(ALBEFRetrieval(_cfg(queue_size=16)), str(tmp_path / "pre.pth"), verbose=False)
 
 
 def test_recall_metrics_by_hand():
@@ -211,7 +211,7 @@ def test_load_model_api_and_search(tmp_path, tiny_world, pretrained):
     assert model.mlm_logits(enc["input_ids"], enc["attention_mask"], img.embeds).shape[-1] == 512
     # the same weights as a retrieval-layout file load as the retrieval model, with identical features
     ret = ALBEFRetrieval(model.cfg)
-    load_into_retrieval(ret, str(pretrained), verbose=False)
+    load_checkpoint(ret, str(pretrained), verbose=False)
     torch.save({"model": ret.state_dict()}, tmp_path / "ret.pth")
     model_r = load_model(str(tmp_path / "ret.pth"), config)
     assert isinstance(model_r, ALBEFRetrieval)
@@ -220,6 +220,36 @@ def test_load_model_api_and_search(tmp_path, tiny_world, pretrained):
                            str(tiny_world / "images"), "--query", "a red circle", "--top", "3", "--k_test", "4",
                            "--device", "cpu"])
     assert len(results) == 4 and results[0][1] >= results[-1][1]
+
+
+def test_load_model_gives_the_task_model_of_a_task_checkpoint(tmp_path, tiny_world, pretrained):
+    """A VQA / VE / NLVR / TA checkpoint from the demo's pre-training: load_model builds the matching model."""
+    from models import ALBEFNLVR, ALBEFTextAssignment, ALBEFVE, ALBEFVQA, load_model
+    from models.tokenizer import tokenize
+
+    config = write_tiny_config(tmp_path / "pre.yaml", tiny_world)
+    cfg = load_model(str(pretrained), config).cfg
+    enc = tokenize(load_model(str(pretrained), config).tokenizer, ["what color is the circle"], 30)
+    image = torch.randn(1, 3, 32, 32)
+    ta = ALBEFTextAssignment(cfg)
+    load_checkpoint(ta, str(pretrained), verbose=False)
+    for cls, source, distill in ((ALBEFVQA, str(pretrained), True), (ALBEFVE, str(pretrained), False),
+                                 (ALBEFNLVR, ta.state_dict(), True), (ALBEFTextAssignment, str(pretrained), None)):
+        model = cls(cfg) if distill is None else cls(cfg, distill=distill)
+        load_checkpoint(model, source, verbose=False)
+        path = tmp_path / f"{cls.layout}.pth"
+        torch.save({"model": model.state_dict()}, path)
+        loaded = load_model(str(path), config)
+        assert type(loaded) is cls and not loaded.training and loaded.transform is not None
+        assert getattr(loaded, "distill", None) == distill
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+    answers = torch.tensor([[2, 10, 3], [2, 11, 3]])
+    ids, probs = load_model(str(tmp_path / "vqa.pth"), config).answer(
+        image, enc["input_ids"], enc["attention_mask"], answers, torch.ones_like(answers), k=2)
+    assert ids.shape == probs.shape == (1, 2) and torch.allclose(probs.sum(), torch.tensor(1.0))
+    assert load_model(str(tmp_path / "ve.pth"), config).classify(image, enc["input_ids"],
+                                                                 enc["attention_mask"]).shape == (1, 3)
 
 
 def test_convert_checkpoint_tool(tmp_path):
@@ -233,5 +263,5 @@ def test_convert_checkpoint_tool(tmp_path):
     ret = ALBEFRetrieval(_cfg(image_res=24))
     ret.load_state_dict(sd, strict=True)  # exactly the retrieval layout
     assert (sd["idx_queue"] == -100).all()
-    with pytest.raises(ValueError, match="cannot convert"):
+    with pytest.raises(SystemExit, match="cannot map a retrieval checkpoint"):
         convert_main([str(tmp_path / "ret.pth"), str(tmp_path / "x.pth"), "--to", "pretrain"])
