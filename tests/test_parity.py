@@ -71,14 +71,19 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def load_asset(path: str):
+    """A parity file, loaded as any checkpoint here: on the CPU, tensors only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def state():
-    return torch.load(STATE, map_location="cpu", weights_only=True)
+    return load_asset(STATE)
 
 
 @pytest.fixture(scope="module")
 def expected():
-    return torch.load(EXPECTED, map_location="cpu", weights_only=True)
+    return load_asset(EXPECTED)
 
 
 @pytest.fixture(scope="module")

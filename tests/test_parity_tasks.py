@@ -29,7 +29,7 @@ from models.convert import load_checkpoint
 from models.losses import answer_nll
 from models.vit import VisionConfig
 from models.vqa import ALBEFVQA
-from tests.test_parity import ASSETS, ATOL, ATOL_FP64, _max_abs, _one_thread
+from tests.test_parity import ASSETS, ATOL, ATOL_FP64, _max_abs, _one_thread, load_asset
 
 STATE = os.path.join(ASSETS, "tasks_tiny_pretrain_state.pt")
 EXPECTED = os.path.join(ASSETS, "tasks_tiny_expected.pt")
@@ -57,12 +57,12 @@ def _seed_head(head: torch.nn.Module) -> None:
 
 @pytest.fixture(scope="module")
 def state():
-    return torch.load(STATE, map_location="cpu", weights_only=True)
+    return load_asset(STATE)
 
 
 @pytest.fixture(scope="module")
 def expected():
-    return torch.load(EXPECTED, map_location="cpu", weights_only=True)
+    return load_asset(EXPECTED)
 
 
 @pytest.fixture(scope="module")
