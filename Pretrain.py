@@ -23,8 +23,8 @@ from engine.retrieval import itc_retrieval
 from engine.recipe import ModelKeys, base_parser, run_cli, setup_run
 from engine.trainer import Trainer, TrainOptions, print0
 from models.albef import ALBEF
-from models.pretrained import load_bert_weights, load_state_dict_file, load_vit_weights
-from models.convert import resize_pos_embeds, strip_wrappers
+from models.pretrained import load_bert_weights, load_vit_weights
+from models.convert import load_checkpoint
 from optim import OptimizerConfig, create_optimizer
 from scheduler import SchedulerConfig, create_scheduler
 from utils import distributed as du
@@ -90,13 +90,6 @@ def build_model(cfg: PretrainConfig, tokenizer, source: str) -> ALBEF:
     return model
 
 
-def load_weights(model: ALBEF, path: str) -> None:
-    """``--checkpoint``: weights of a pre-training checkpoint (``{'model': ...}`` or raw), pos-embed resized."""
-    sd = resize_pos_embeds(strip_wrappers(load_state_dict_file(path)), model.visual_encoder.patch_embed.num_patches)
-    model.load_state_dict(sd, strict=True)
-    print0(f"loaded weights from {path}")
-
-
 def main(argv=None) -> Dict[str, float]:
     args = parse_args(argv)
     cfg, device, tokenizer = setup_run(PretrainConfig, args)
@@ -104,7 +97,7 @@ def main(argv=None) -> Dict[str, float]:
     if args.resume == "latest" and args.checkpoint:  # the original's `--checkpoint X --resume True`
         args.resume, args.checkpoint = args.checkpoint, ""
     if args.checkpoint:
-        load_weights(model, args.checkpoint)
+        load_checkpoint(model, args.checkpoint, verbose=du.is_main_process())  # pos-embeds resized, strict
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"model: {n_train / 1e6:.1f} M trainable parameters")
 
