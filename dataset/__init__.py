@@ -10,7 +10,9 @@ from utils import distributed as du
 
 
 class CaptionCollator:
-    """Stacks images and tokenizes captions in the loader workers: ``{'image', 'input_ids', 'attention_mask'}``."""
+    """Stacks images and tokenizes captions in the loader workers: ``{'image', 'input_ids', 'attention_mask'}``,
+    plus ``idx`` / ``label`` when the samples carry them. Image pairs (``image0``, ``image1``: NLVR2) become one
+    ``image`` batch ``[all left images; all right images]``."""
 
     def __init__(self, tokenizer, max_length: int, padding: str = "longest"):
         self.tokenizer, self.max_length, self.padding = tokenizer, max_length, padding
@@ -18,10 +20,15 @@ class CaptionCollator:
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         from models.tokenizer import tokenize
 
-        batch = {"image": torch.stack([s["image"] for s in samples])}
+        if "image0" in samples[0]:
+            batch = {"image": torch.stack([s["image0"] for s in samples] + [s["image1"] for s in samples])}
+        else:
+            batch = {"image": torch.stack([s["image"] for s in samples])}
         batch.update(tokenize(self.tokenizer, [s["caption"] for s in samples], self.max_length, self.padding))
         if "idx" in samples[0]:
             batch["idx"] = torch.tensor([s["idx"] for s in samples], dtype=torch.long)
+        if "label" in samples[0]:
+            batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         return batch
 
 

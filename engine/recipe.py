@@ -79,7 +79,7 @@ def set_seed(seed: int) -> None:
 
 
 def setup_run(cls, args: argparse.Namespace):
-    """Config (validated, overrides applied) -> process group -> per-rank seed -> output folder with the resolved
+    """Config (validated, overrides applied) -> process group -> seed -> output folder with the resolved
     ``config.yaml`` -> tokenizer. Returns ``(cfg, device, tokenizer)``; config errors surface before any process
     group is created."""
     from models.tokenizer import load_tokenizer
@@ -88,7 +88,7 @@ def setup_run(cls, args: argparse.Namespace):
 
     cfg = load_config(cls, args.config, overrides_of(args))
     info = du.init_distributed(args.device)
-    set_seed(args.seed + info.rank)
+    set_seed(args.seed)  # the same on every rank: freshly initialised weights (e.g. task heads) agree across ranks
     os.makedirs(args.output_dir, exist_ok=True)
     if du.is_main_process():
         save_config(cfg, os.path.join(args.output_dir, "config.yaml"))

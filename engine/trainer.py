@@ -12,10 +12,12 @@ import datetime
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -130,6 +132,11 @@ class Trainer:
         self.start_epoch = 0
         self.global_step = 0
         self.log = JsonLog(output_dir, du.is_main_process())
+        rank = du.get_rank()
+        if rank:  # every rank built the model from the same seed; from here on each draws its own augmentations
+            torch.manual_seed(torch.initial_seed() + rank)
+            random.seed(torch.initial_seed())
+            np.random.seed(torch.initial_seed() % 2**32)
         module = torch.compile(self.model) if opts.compile else self.model
         if du.get_world_size() > 1:
             module = du.wrap_ddp(module, device)

@@ -24,6 +24,18 @@ def tiny_world(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, tiny_world):
+    """A Pretrain.py checkpoint (1 epoch of the tiny config on the tiny world), shared by the fine-tuning tests."""
+    import Pretrain
+
+    d = tmp_path_factory.mktemp("pre")
+    config = write_tiny_config(d / "pre.yaml", tiny_world)
+    Pretrain.main(["--config", config, "--output_dir", str(d / "out"), "--device", "cpu",
+                   "--options", "schedular.epochs=1"])
+    return d / "out" / "checkpoint_00.pth"
+
+
 def write_tiny_config(path, world, **overrides) -> str:
     """A tiny Pretrain config on ``world``: 2-layer ViT at 32 px, 4-layer BERT (fusion at 2), CPU friendly."""
     cfg = {

@@ -6,7 +6,6 @@ import pytest
 import torch
 import yaml
 
-import Pretrain
 import Retrieval
 from engine.retrieval import recall_metrics
 from models.albef import ALBEF, ALBEFConfig, ALBEFRetrieval
@@ -116,15 +115,6 @@ def test_recall_metrics_by_hand():
     # texts: t0 -> best image 1 (wrong), t1 -> image 0 (right), t2 -> image 0 (wrong, rank 2)
     assert m["img_r1"] == pytest.approx(100 / 3) and m["img_r5"] == 100.0
     assert m["r_mean"] == pytest.approx((m["txt_r_mean"] + m["img_r_mean"]) / 2)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, tiny_world):
-    d = tmp_path_factory.mktemp("pre")
-    config = write_tiny_config(d / "pre.yaml", tiny_world)
-    Pretrain.main(["--config", config, "--output_dir", str(d / "out"), "--device", "cpu",
-                   "--options", "schedular.epochs=1"])
-    return d / "out" / "checkpoint_00.pth"
 
 
 def _retrieval_config(path, world, **kw):

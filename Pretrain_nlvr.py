@@ -1,0 +1,73 @@
+"""NLVR2's text-assignment pre-training (the original ``Pretrain_nlvr.py``): from a pre-trained ALBEF, learn to
+tell whether a caption describes the first, the second or neither of two images, with the 18-layer two-image
+fusion encoder that ``NLVR.py`` then fine-tunes.
+
+    torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml \
+        --output_dir output/NLVR_pretrain --checkpoint ALBEF.pth
+    python Pretrain_nlvr.py --config configs/NLVR_pretrain_tiny.yaml --output_dir output/nlvr_ta_demo \
+        --checkpoint output/demo/checkpoint_13.pth --device cpu
+
+Each fusion layer of the checkpoint initialises two layers (one per image). Writes ``checkpoint_XX.pth`` every
+epoch (``NLVR.py --checkpoint`` takes it) and ``log.txt``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+from dataset import CaptionCollator, create_loader, create_sampler
+from dataset.caption_dataset import PretrainDataset
+from dataset.transforms import train_transform
+from engine.checkpoint import latest_checkpoint
+from engine.recipe import base_parser, run_cli, setup_run
+from engine.trainer import Trainer, print0
+from models.classifiers import ALBEFTextAssignment
+from models.convert import load_checkpoint
+from optim import create_optimizer
+from Pretrain import PretrainConfig
+from scheduler import create_scheduler
+from utils import distributed as du
+from utils.config import ConfigError, to_dict
+
+
+def main(argv=None) -> Dict[str, float]:
+    p = base_parser(__doc__, "./configs/NLVR_pretrain.yaml", "output/NLVR_pretrain")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
+    args = p.parse_args(argv)
+    cfg, device, tokenizer = setup_run(PretrainConfig, args)
+    if cfg.batch_size < 3:
+        raise ConfigError(f"{args.config}: batch_size must be >= 3 (pairs of other images are drawn from the batch)")
+    model = ALBEFTextAssignment(cfg.albef_config(tokenizer, args.config))
+    if args.checkpoint:  # a pre-training checkpoint (ALBEF.pth) or a text-assignment one
+        load_checkpoint(model, args.checkpoint, verbose=du.is_main_process())
+    else:
+        print0("warning: no --checkpoint: text assignment starts from random weights")
+    model.to(device)
+
+    dataset = PretrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
+                              cfg.max_words, cfg.on_bad_image)
+    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+    loader = create_loader(dataset, sampler, cfg.batch_size, cfg.num_workers, train=True,
+                           collate_fn=CaptionCollator(tokenizer, cfg.max_tokens))
+    print0(f"data: {len(dataset)} image-text records, {len(loader)} steps per epoch per rank")
+    optimizer = create_optimizer(model, cfg.optimizer)
+    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
+    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
+    if args.resume:
+        path = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+        if path is not None:
+            trainer.resume(path)
+
+    def train_step(module, batch, ctx):
+        return module(batch["image"], batch["input_ids"], batch["attention_mask"])
+
+    trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler)
+    last = latest_checkpoint(args.output_dir)
+    print0(f"text-assignment checkpoint for NLVR.py: {last and os.path.abspath(last)}")
+    du.cleanup()
+    return {}
+
+
+if __name__ == "__main__":
+    run_cli(main)

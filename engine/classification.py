@@ -1,0 +1,169 @@
+"""What SNLI-VE and NLVR2 fine-tuning share: a config, exact sharded accuracy, and the fine-tune / evaluate recipe
+(the original ``VE.py`` and ``NLVR.py`` differ only in their model and data set).
+
+The recipe: evaluate val and test after every epoch, keep ``checkpoint_best.pth`` by val accuracy, log
+``val_acc`` / ``test_acc`` (fractions, as the original) with the training losses in ``log.txt``; with
+``--evaluate`` only evaluate and write ``eval_{val,test}.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dataset import CaptionCollator, create_loader, create_sampler
+from dataset.transforms import AugmentConfig, eval_transform, train_transform
+from engine.checkpoint import atomic_save, latest_checkpoint
+from engine.recipe import ModelKeys
+from engine.trainer import Trainer, TrainOptions, print0
+from optim import OptimizerConfig, create_optimizer
+from scheduler import SchedulerConfig, create_scheduler
+from utils import distributed as du
+from utils.config import to_dict
+
+
+@dataclass
+class ClassifierConfig(ModelKeys, TrainOptions):
+    """The original ``VE.yaml`` / ``NLVR.yaml`` keys, then the keys this framework adds."""
+
+    train_file: Union[str, List[str]] = field(default_factory=list)
+    val_file: Union[str, List[str], None] = None
+    test_file: Union[str, List[str], None] = None
+    image_root: Optional[str] = None
+    image_res: int = 384
+    batch_size_train: int = 32
+    batch_size_test: int = 64
+    batch_size: Optional[int] = None  # NLVR.yaml's single key: sets both batch sizes (image pairs)
+    alpha: float = 0.4
+    distill: bool = True
+    warm_up: bool = False  # ramp alpha from 0 over the first epoch
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-5))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
+        lr=2e-5, epochs=5, min_lr=1e-6, warmup_lr=1e-5, warmup_epochs=1), metadata={"aliases": ["schedular"]})
+    eval_ema: bool = False  # in the original NLVR.yaml; never read there either
+    # ---- new keys
+    max_words: int = 30  # words kept by pre_caption
+    max_tokens: int = 100  # tokenizer truncation (the original does not truncate these short sentences)
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=[0.5, 1.0]))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.train_file:
+            raise ValueError("train_file is required")
+        if self.batch_size is not None:
+            self.batch_size_train = self.batch_size_test = self.batch_size
+        if self.batch_size_train < 1 or self.batch_size_test < 1:
+            raise ValueError("batch sizes must be >= 1")
+        if self.tokenizer is None and self.text_encoder is None:
+            raise ValueError("tokenizer must be given when text_encoder is null")
+
+
+def add_classifier_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--evaluate", action="store_true", help="evaluate val/test only, no training")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
+    return p
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Exact accuracy over a loader whose data set is sharded across ranks without padding (see
+    :func:`eval_loader`): correct and total counts are summed over ranks, so no sample is counted twice."""
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        pred = model.classify(batch["image"], batch["input_ids"], batch["attention_mask"]).argmax(-1)
+        counts[0] += (pred == batch["label"]).sum()
+        counts[1] += batch["label"].numel()
+    counts = du.all_reduce_sum(counts)
+    return (counts[0] / counts[1].clamp(min=1)).item()
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, collate_fn) -> DataLoader:
+    """This rank's share of ``dataset`` (every world-size-th sample), unpadded: the original's
+    DistributedSampler repeated samples to even out the shards and counted them twice."""
+    shard = Subset(dataset, range(du.get_rank(), len(dataset), du.get_world_size()))
+    return DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
+
+
+def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Module, tokenizer,
+                   device: torch.device, make_dataset: Callable[[Union[str, List[str]], Callable], Dataset]
+                   ) -> Dict[str, Dict[str, float]]:
+    """Fine-tune (or with ``--evaluate`` only evaluate) ``model`` (weights already loaded) on ``cfg``'s files.
+
+    ``make_dataset(files, transform)`` builds a data set whose samples carry ``label``. Returns
+    ``{"val": {"acc": ...}, "test": {"acc": ...}}`` at the best epoch (or the evaluated model).
+    """
+    collate = CaptionCollator(tokenizer, cfg.max_tokens)
+    eval_sets = {split: eval_loader(make_dataset(path, eval_transform(cfg.image_res)), cfg.batch_size_test,
+                                    min(cfg.num_workers, 4), collate)
+                 for split, path in (("val", cfg.val_file), ("test", cfg.test_file)) if path}
+    model.to(device)
+
+    def run_eval() -> Dict[str, float]:
+        flat = {f"{split}_acc": accuracy(model, loader, device) for split, loader in eval_sets.items()}
+        print0("  ".join(f"{k}: {100 * v:.2f}%" for k, v in flat.items()))
+        return flat
+
+    def write_results(flat: Dict[str, float], epoch: int) -> Dict[str, Dict[str, float]]:
+        results = {split: {"acc": flat[f"{split}_acc"], "epoch": epoch} for split in eval_sets}
+        if du.is_main_process():
+            for split, res in results.items():
+                with open(os.path.join(args.output_dir, f"eval_{split}.json"), "w") as f:
+                    json.dump(res, f, indent=2)
+        return results
+
+    if args.evaluate:
+        flat = run_eval()
+        results = write_results(flat, 0)
+        if du.is_main_process():
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps({**flat, "epoch": 0}) + "\n")
+        return results
+
+    dataset = make_dataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment))
+    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+    loader = create_loader(dataset, sampler, cfg.batch_size_train, cfg.num_workers, train=True, collate_fn=collate)
+    print0(f"data: {len(dataset)} training samples, {len(loader)} steps per epoch per rank")
+    optimizer = create_optimizer(model, cfg.optimizer)
+    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
+    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
+    if args.resume:
+        path = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+        if path is None:
+            print0(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
+        else:
+            trainer.resume(path)
+
+    def train_step(module, batch, ctx):
+        ramp = cfg.warm_up and ctx.epoch == 0
+        alpha = cfg.alpha * min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch) if ramp else cfg.alpha
+        return module(batch["image"], batch["input_ids"], batch["attention_mask"], batch["label"], alpha=alpha)
+
+    best: Dict[str, object] = {"acc": -1.0, "epoch": -1, "results": {}}
+    best_path = os.path.join(args.output_dir, "checkpoint_best.pth")
+    if args.resume and os.path.exists(os.path.join(args.output_dir, "eval_val.json")):
+        with open(os.path.join(args.output_dir, "eval_val.json")) as f:
+            best.update(acc=json.load(f)["acc"])  # keep the best of the runs before the resume
+
+    def after_epoch(epoch: int) -> Dict[str, float]:
+        flat = run_eval()
+        score = flat.get("val_acc", flat.get("test_acc", 0.0))
+        if score > best["acc"]:
+            best.update(acc=score, epoch=epoch, results=write_results(flat, epoch))
+            if du.is_main_process():
+                atomic_save({"model": model.state_dict(), "config": to_dict(cfg), "epoch": epoch}, best_path)
+        return flat
+
+    trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
+                batch_size_of=lambda b: len(b["label"]))
+    if best["epoch"] >= 0:
+        print0(f"best epoch: {best['epoch']} (val acc {100 * best['acc']:.2f}%), saved {best_path}")
+    return best["results"]
