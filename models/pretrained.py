@@ -87,12 +87,14 @@ def _check_shapes(sd: Dict[str, torch.Tensor], module: torch.nn.Module, what: st
                              f"{tuple(expected[k].shape)} (check the {config_key} config against the checkpoint)")
 
 
-def load_bert_weights(text_encoder: torch.nn.Module, name_or_path: str) -> None:
+def load_bert_weights(text_encoder: torch.nn.Module, name_or_path: str, first_layers_only: bool = False) -> None:
     """Load Hugging Face BERT weights (``BertModel``/``BertForMaskedLM``/``BertForPreTraining`` layouts) into a
-    :class:`models.bert.BertForMaskedLM`.
+    :class:`models.bert.BertForMaskedLM` (or :class:`~models.bert.BertLMHeadModel`), or into a plain
+    :class:`models.bert.BertModel` (then the MLM head is ignored).
 
     Only the new cross-attention blocks may stay uninitialised; any other missing key is an error. The pooler
-    and next-sentence head are ignored.
+    and next-sentence head are ignored. ``first_layers_only`` lets a shallower model take BERT's first layers
+    (the VQA answer decoder: 6 of 12, as the original's ``from_pretrained`` with a 6-layer config).
     """
     folder = resolve_hf_path(name_or_path, what="BERT weights")
     sd = None
@@ -102,6 +104,8 @@ def load_bert_weights(text_encoder: torch.nn.Module, name_or_path: str) -> None:
             break
     if sd is None:
         raise MissingWeightsError(f"no model.safetensors or pytorch_model.bin in {folder} (BERT weights {name_or_path!r})")
+    with_head = hasattr(text_encoder, "bert")
+    n_layers = (text_encoder.bert if with_head else text_encoder).config.num_hidden_layers
     mapped = {}
     for k, v in sd.items():
         k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
@@ -109,11 +113,16 @@ def load_bert_weights(text_encoder: torch.nn.Module, name_or_path: str) -> None:
             continue
         if not k.startswith(("bert.", "cls.")):
             k = "bert." + k  # a plain BertModel checkpoint
+        parts = k.split(".")
+        if first_layers_only and parts[1:3] == ["encoder", "layer"] and int(parts[3]) >= n_layers:
+            continue
         mapped[k] = v
     if "cls.predictions.decoder.weight" not in mapped and "bert.embeddings.word_embeddings.weight" in mapped:
         mapped["cls.predictions.decoder.weight"] = mapped["bert.embeddings.word_embeddings.weight"]
     if "cls.predictions.bias" in mapped:
         mapped.setdefault("cls.predictions.decoder.bias", mapped["cls.predictions.bias"])
+    if not with_head:  # a BertModel: the body's keys without "bert.", no MLM head
+        mapped = {k[len("bert."):]: v for k, v in mapped.items() if k.startswith("bert.")}
     _check_shapes(mapped, text_encoder, f"BERT weights {name_or_path!r}", "bert_config")
     missing, unexpected = text_encoder.load_state_dict(mapped, strict=False)
     missing = [k for k in missing if ".crossattention." not in k and not k.endswith("position_ids")
@@ -121,7 +130,8 @@ def load_bert_weights(text_encoder: torch.nn.Module, name_or_path: str) -> None:
     if missing or unexpected:
         raise ValueError(f"BERT weights {name_or_path!r} do not fit the text encoder: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}")
-    text_encoder.tie_weights()
+    if with_head:
+        text_encoder.tie_weights()
 
 
 def load_vit_weights(vit: torch.nn.Module, name_or_path: str) -> None:

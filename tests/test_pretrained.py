@@ -265,6 +265,44 @@ def test_load_bert_weights_from_plain_bert_model(tmp_path):
         torch.testing.assert_close(v, cross_before[k], atol=0, rtol=0, msg=k)
 
 
+def test_load_bert_weights_into_plain_bert_model(tmp_path):
+    """Fine-tuning models hold a BertModel (keys without ``bert.``, no MLM head): Retrieval/VE from BERT."""
+    from models.bert import BertModel
+
+    hf = hf_bert("BertForMaskedLM", seed=5)
+    hf.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
+                                 intermediate_size=INTER, max_position_embeddings=MAXPOS, fusion_layer=1,
+                                 encoder_width=24))
+    load_bert_weights(model, str(tmp_path))
+    sd = model.state_dict()
+    n = 0
+    for k, v in hf.state_dict().items():
+        if k.startswith("bert.") and not k.endswith(("position_ids", "token_type_ids")):
+            torch.testing.assert_close(sd[k[len("bert."):]], v, atol=0, rtol=0, msg=k)
+            n += 1
+    assert n > 20
+
+
+def test_load_bert_weights_first_layers_into_a_shallower_decoder(tmp_path):
+    """The VQA answer decoder takes BERT's first layers (as the original's from_pretrained with 6 of 12)."""
+    from models.bert import BertLMHeadModel
+
+    hf = hf_bert("BertForMaskedLM", seed=6, num_hidden_layers=3)
+    hf.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    dec = BertLMHeadModel(BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                                     num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=MAXPOS,
+                                     fusion_layer=0, encoder_width=HIDDEN))
+    with pytest.raises(ValueError, match="unexpected"):
+        load_bert_weights(dec, str(tmp_path))
+    load_bert_weights(dec, str(tmp_path), first_layers_only=True)
+    torch.testing.assert_close(dec.bert.encoder.layer[1].output.dense.weight,
+                               hf.state_dict()["bert.encoder.layer.1.output.dense.weight"], atol=0, rtol=0)
+    assert dec.cls.predictions.decoder.weight is dec.bert.embeddings.word_embeddings.weight
+
+
 def test_load_bert_weights_text_layers_reproduce_hf(tmp_path):
     """After loading, ours in 'text' mode (layers below fusion_layer) equals the same number of HF layers."""
     hf = hf_bert("BertModel", seed=3, num_hidden_layers=2)
