@@ -1,0 +1,102 @@
+"""VQA in the original JSON format (VQA v2 + Visual Genome QA).
+
+Records: ``{"question", "image" (relative to the root of its data set), "dataset": "vqa" | "vg",
+"answer": [str, ...] (VQA: the annotators' answers) | str (VG), "question_id" (test)}``. Training samples carry
+each distinct answer with weight ``count / number of answers`` (VQA) or a single answer with weight 0.5 (VG), as
+the original ``vqa_dataset``; test samples carry ``question_id`` and, when the file has them, the annotators'
+answers (for a local accuracy; the official test set has none).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from dataset.caption_dataset import ImageLoader, load_json_list, resolve_image
+from dataset.text import pre_question
+
+
+class VQADataset(Dataset):
+    def __init__(self, ann_files: Union[str, Sequence[str]], transform, vqa_root: Optional[str] = None,
+                 vg_root: Optional[str] = None, split: str = "train", max_ques_words: int = 30):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if isinstance(ann_files, str):
+            ann_files = [ann_files]
+        self.split = split
+        self.records: List[Dict[str, Any]] = []
+        for f in ann_files:
+            required = ("question", "image", "answer") if split == "train" else ("question", "image", "question_id")
+            for i, rec in enumerate(load_json_list(f, required)):
+                kind = rec.get("dataset", "vqa")
+                if kind not in ("vqa", "vg"):
+                    raise ValueError(f"{f}: record {i} has dataset {kind!r}; expected 'vqa' or 'vg'")
+                root = vg_root if kind == "vg" else vqa_root
+                item = {"image": resolve_image(rec["image"], root, f),
+                        "question": pre_question(rec["question"], max_ques_words)}
+                if split == "train":
+                    item["answers"], item["weights"] = self._answer_weights(rec["answer"], kind, f, i)
+                else:
+                    item["question_id"] = int(rec["question_id"])
+                    if "answer" in rec:
+                        item["gt"] = rec["answer"] if isinstance(rec["answer"], list) else [rec["answer"]]
+                self.records.append(item)
+        if not self.records:
+            raise ValueError(f"no records in {list(ann_files)}")
+        self.transform = transform
+        self.load = ImageLoader("raise")
+
+    @staticmethod
+    def _answer_weights(answer, kind: str, path: str, index: int):
+        if kind == "vg":
+            if not isinstance(answer, str):
+                raise ValueError(f"{path}: record {index}: a 'vg' answer must be a string, got {answer!r}")
+            return [answer], [0.5]
+        if not isinstance(answer, list) or not answer:
+            raise ValueError(f"{path}: record {index}: a 'vqa' answer must be a non-empty list, got {answer!r}")
+        counts = Counter(answer)
+        return list(counts), [c / len(answer) for c in counts.values()]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        rec = self.records[index]
+        out = {k: v for k, v in rec.items() if k != "image"}
+        out["image"] = self.transform(self.load(rec["image"]))
+        return out
+
+
+def tokenize_answers(tokenizer, answers: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """``[CLS] answer [SEP]`` padded to the longest (the original appends ``eos='[SEP]'`` to each answer): the
+    decoder starts from [CLS] and must end with [SEP]."""
+    enc = tokenizer(list(answers), padding="longest", return_tensors="pt", return_token_type_ids=False)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class VQACollator:
+    """Train: ``{'image', 'question_ids', 'question_mask', 'answer_ids', 'answer_mask', 'k', 'weights'}`` with
+    every question's answers one after another (``k`` answers per question). Test: ``{'image', 'question_ids',
+    'question_mask', 'question_id'}`` (+ ``'gt'``, the annotators' answers, a list, when present)."""
+
+    def __init__(self, tokenizer, max_question_tokens: int):
+        self.tokenizer, self.max_question_tokens = tokenizer, max_question_tokens
+
+    def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        from models.tokenizer import tokenize
+
+        q = tokenize(self.tokenizer, [s["question"] for s in samples], self.max_question_tokens)
+        batch = {"image": torch.stack([s["image"] for s in samples]), "question_ids": q["input_ids"],
+                 "question_mask": q["attention_mask"]}
+        if "answers" in samples[0]:
+            a = tokenize_answers(self.tokenizer, [a for s in samples for a in s["answers"]])
+            batch.update(answer_ids=a["input_ids"], answer_mask=a["attention_mask"],
+                         k=torch.tensor([len(s["answers"]) for s in samples]),
+                         weights=torch.tensor([w for s in samples for w in s["weights"]], dtype=torch.float))
+        else:
+            batch["question_id"] = torch.tensor([s["question_id"] for s in samples])
+            if "gt" in samples[0]:
+                batch["gt"] = [s["gt"] for s in samples]
+        return batch
