@@ -104,7 +104,7 @@ def main(argv=None) -> Dict[str, float]:
     test_set = VQADataset(cfg.test_file, eval_transform(cfg.image_res), cfg.vqa_root, cfg.vg_root, "test", 50)
     test_loader = DataLoader(Subset(test_set, range(du.get_rank(), len(test_set), du.get_world_size())),
                              batch_size=cfg.batch_size_test, num_workers=min(cfg.num_workers, 4),
-                             collate_fn=VQACollator(tokenizer, 100))
+                             collate_fn=VQACollator(tokenizer, model.cfg.bert.max_position_embeddings))
     last_epoch = 0
     if not args.evaluate:
         dataset = VQADataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.vqa_root, cfg.vg_root,

@@ -101,7 +101,7 @@ def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Mo
     ``make_dataset(files, transform)`` builds a data set whose samples carry ``label``. Returns
     ``{"val": {"acc": ...}, "test": {"acc": ...}}`` at the best epoch (or the evaluated model).
     """
-    collate = CaptionCollator(tokenizer, cfg.max_tokens)
+    collate = CaptionCollator(tokenizer, min(cfg.max_tokens, model.cfg.bert.max_position_embeddings))
     eval_sets = {split: eval_loader(make_dataset(path, eval_transform(cfg.image_res)), cfg.batch_size_test,
                                     min(cfg.num_workers, 4), collate)
                  for split, path in (("val", cfg.val_file), ("test", cfg.test_file)) if path}

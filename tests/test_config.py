@@ -19,9 +19,13 @@ def _write(tmp_path, data, name="c.yaml"):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
 def test_every_shipped_config_validates(path):
+    from engine.classification import ClassifierConfig
     from Retrieval import RetrievalConfig
+    from VQA import VQAConfig
 
-    cls = RetrievalConfig if os.path.basename(path).startswith("Retrieval") else PretrainConfig
+    name = os.path.basename(path)
+    cls = (RetrievalConfig if name.startswith("Retrieval") else VQAConfig if name.startswith("VQA") else
+           ClassifierConfig if name.startswith(("VE", "NLVR.", "NLVR_tiny")) else PretrainConfig)
     cfg = load_config(cls, path)
     assert cfg.train_file
     bert = cfg.bert(path)
@@ -36,6 +40,21 @@ def test_original_retrieval_yaml_values():
     assert (coco.k_test, flickr.k_test, coco.scheduler.epochs, flickr.scheduler.epochs) == (256, 128, 5, 10)
     assert coco.image_res == 384 and coco.batch_size_train == 32 and coco.optimizer.lr == 1e-5
     assert coco.distill and coco.warm_up and coco.rerank_score == "itm"
+
+
+def test_original_task_yaml_values():
+    from engine.classification import ClassifierConfig
+    from VQA import VQAConfig
+
+    ve = load_config(ClassifierConfig, os.path.join(ROOT, "configs", "VE.yaml"))
+    assert (ve.batch_size_train, ve.batch_size_test, ve.warm_up, ve.scheduler.epochs) == (32, 64, False, 5)
+    nlvr = load_config(ClassifierConfig, os.path.join(ROOT, "configs", "NLVR.yaml"))
+    assert (nlvr.batch_size_train, nlvr.batch_size_test, nlvr.warm_up, nlvr.scheduler.epochs) == (16, 16, True, 10)
+    ta = load_config(PretrainConfig, os.path.join(ROOT, "configs", "NLVR_pretrain.yaml"))
+    assert (ta.batch_size, ta.image_res, ta.scheduler.epochs, ta.scheduler.min_lr) == (64, 256, 1, 1e-5)
+    vqa = load_config(VQAConfig, os.path.join(ROOT, "configs", "VQA.yaml"))
+    assert (vqa.k_test, vqa.batch_size_test, vqa.scheduler.epochs, vqa.scheduler.warmup_epochs) == (128, 16, 8, 4)
+    assert len(vqa.train_file) == 3 and vqa.eos == "[SEP]" and vqa.optimizer.lr == 2e-5
 
 
 def test_original_pretrain_yaml_values():
