@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo retrieval-demo test bench clean
+.PHONY: install demo retrieval-demo tasks-demo test bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ retrieval-demo: install
 		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --evaluate
 	$(PY) Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir $(OUT)_retrieval \
 		--checkpoint $(OUT)/checkpoint_13.pth --device cpu
+
+# after `make demo`: SNLI-VE, NLVR2 (text assignment, then fine-tuning) and VQA on the synthetic world's tasks
+tasks-demo: install
+	$(PY) -m dataset.synthetic_tasks --world $(DATA)
+	$(PY) VE.py --config configs/VE_tiny.yaml --output_dir $(OUT)_ve --checkpoint $(OUT)/checkpoint_13.pth \
+		--device cpu
+	$(PY) Pretrain_nlvr.py --config configs/NLVR_pretrain_tiny.yaml --output_dir $(OUT)_nlvr_ta \
+		--checkpoint $(OUT)/checkpoint_13.pth --device cpu
+	$(PY) NLVR.py --config configs/NLVR_tiny.yaml --output_dir $(OUT)_nlvr --checkpoint $(OUT)_nlvr_ta/checkpoint_00.pth \
+		--device cpu
+	$(PY) VQA.py --config configs/VQA_tiny.yaml --output_dir $(OUT)_vqa --checkpoint $(OUT)/checkpoint_13.pth \
+		--device cpu
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
