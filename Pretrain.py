@@ -15,20 +15,18 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-from dataset import CaptionCollator, create_loader, create_sampler
+from dataset import CaptionCollator
 from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
-from engine.checkpoint import latest_checkpoint
 from engine.retrieval import itc_retrieval
-from engine.recipe import ModelKeys, base_parser, run_cli, setup_run
-from engine.trainer import Trainer, TrainOptions, print0
+from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
+from engine.trainer import TrainOptions, print0
 from models.albef import ALBEF
 from models.pretrained import load_bert_weights, load_vit_weights
 from models.convert import load_checkpoint
-from optim import OptimizerConfig, create_optimizer
-from scheduler import SchedulerConfig, create_scheduler
+from optim import OptimizerConfig
+from scheduler import SchedulerConfig
 from utils import distributed as du
-from utils.config import to_dict
 
 
 @dataclass
@@ -65,8 +63,7 @@ class PretrainConfig(ModelKeys, TrainOptions):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = base_parser(__doc__, "./configs/Pretrain.yaml", "output/pretrain")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
+    add_resume_arg(p)
     p.add_argument("--exit_after_epochs", type=int, default=None,
                    help="stop after this many epochs of this run (time-limited jobs); resume later")
     args = p.parse_args(argv)
@@ -103,29 +100,13 @@ def main(argv=None) -> Dict[str, float]:
 
     dataset = PretrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
                               cfg.max_words, cfg.on_bad_image)
-    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-    loader = create_loader(dataset, sampler, cfg.batch_size, cfg.num_workers, train=True,
-                           collate_fn=CaptionCollator(tokenizer, cfg.max_tokens))
-    print0(f"data: {len(dataset)} image-text records, {len(loader)} steps per epoch per rank")
-
     # Optimizer and scheduler on the unwrapped model, before DDP (as the original).
     model.to(device)
-    optimizer = create_optimizer(model, cfg.optimizer)
-    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
-    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
-    existing = latest_checkpoint(args.output_dir)
-    if args.resume:
-        path = existing if args.resume == "latest" else args.resume
-        if path is None:
-            print0(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
-        else:
-            trainer.resume(path)
-    elif existing:
-        print0(f"warning: {args.output_dir} already holds {os.path.basename(existing)}; starting a new run that "
-               "overwrites it (pass --resume to continue it instead)")
+    trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size,
+                                            CaptionCollator(tokenizer, cfg.max_tokens), device)
 
     def train_step(module, batch, ctx):
-        alpha = cfg.alpha if ctx.epoch > 0 else cfg.alpha * min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch)
+        alpha = ramped_alpha(cfg.alpha, True, ctx)  # always ramped in pre-training
         return module(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha)
 
     results: Dict[str, float] = {}

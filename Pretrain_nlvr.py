@@ -4,7 +4,7 @@ fusion encoder that ``NLVR.py`` then fine-tunes.
 
     torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml \
         --output_dir output/NLVR_pretrain --checkpoint ALBEF.pth
-    python Pretrain_nlvr.py --config configs/NLVR_pretrain_tiny.yaml --output_dir output/nlvr_ta_demo \
+    python Pretrain_nlvr.py --config configs/NLVR_pretrain_tiny.yaml --output_dir output/demo_nlvr_ta \
         --checkpoint output/demo/checkpoint_13.pth --device cpu
 
 Each fusion layer of the checkpoint initialises two layers (one per image). Writes ``checkpoint_XX.pth`` every
@@ -15,26 +15,21 @@ from __future__ import annotations
 import os
 from typing import Dict
 
-from dataset import CaptionCollator, create_loader, create_sampler
+from dataset import CaptionCollator
 from dataset.caption_dataset import PretrainDataset
 from dataset.transforms import train_transform
 from engine.checkpoint import latest_checkpoint
-from engine.recipe import base_parser, run_cli, setup_run
-from engine.trainer import Trainer, print0
+from engine.recipe import add_resume_arg, base_parser, make_trainer, run_cli, setup_run
+from engine.trainer import print0
 from models.classifiers import ALBEFTextAssignment
 from models.convert import load_checkpoint
-from optim import create_optimizer
 from Pretrain import PretrainConfig
-from scheduler import create_scheduler
 from utils import distributed as du
-from utils.config import ConfigError, to_dict
+from utils.config import ConfigError
 
 
 def main(argv=None) -> Dict[str, float]:
-    p = base_parser(__doc__, "./configs/NLVR_pretrain.yaml", "output/NLVR_pretrain")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
-    args = p.parse_args(argv)
+    args = add_resume_arg(base_parser(__doc__, "./configs/NLVR_pretrain.yaml", "output/NLVR_pretrain")).parse_args(argv)
     cfg, device, tokenizer = setup_run(PretrainConfig, args)
     if cfg.batch_size < 3:
         raise ConfigError(f"{args.config}: batch_size must be >= 3 (pairs of other images are drawn from the batch)")
@@ -47,17 +42,8 @@ def main(argv=None) -> Dict[str, float]:
 
     dataset = PretrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
                               cfg.max_words, cfg.on_bad_image)
-    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-    loader = create_loader(dataset, sampler, cfg.batch_size, cfg.num_workers, train=True,
-                           collate_fn=CaptionCollator(tokenizer, cfg.max_tokens))
-    print0(f"data: {len(dataset)} image-text records, {len(loader)} steps per epoch per rank")
-    optimizer = create_optimizer(model, cfg.optimizer)
-    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
-    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
-    if args.resume:
-        path = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
-        if path is not None:
-            trainer.resume(path)
+    trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size,
+                                            CaptionCollator(tokenizer, cfg.max_tokens), device)
 
     def train_step(module, batch, ctx):
         return module(batch["image"], batch["input_ids"], batch["attention_mask"])

@@ -15,18 +15,18 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from dataset import CaptionCollator, create_loader, create_sampler
+from dataset import CaptionCollator
 from dataset.caption_dataset import RetrievalEvalDataset, RetrievalTrainDataset
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import atomic_save
-from engine.recipe import ModelKeys, base_parser, run_cli, setup_run
+from engine.recipe import ModelKeys, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
 from engine.retrieval import itm_rerank_scores, recall_metrics
-from engine.trainer import Trainer, TrainOptions, print0
+from engine.trainer import TrainOptions, print0
 from models.albef import ALBEFRetrieval
 from models.convert import load_checkpoint
 from models.pretrained import load_bert_weights
-from optim import OptimizerConfig, create_optimizer
-from scheduler import SchedulerConfig, create_scheduler
+from optim import OptimizerConfig
+from scheduler import SchedulerConfig
 from utils import distributed as du
 from utils.config import to_dict
 
@@ -121,17 +121,12 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
 
     dataset = RetrievalTrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
                                     cfg.max_words)
-    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-    loader = create_loader(dataset, sampler, cfg.batch_size_train, cfg.num_workers, train=True,
-                           collate_fn=CaptionCollator(tokenizer, cfg.max_tokens))
-    optimizer = create_optimizer(model, cfg.optimizer)
-    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
-    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
-    print0(f"data: {len(dataset)} captions of {len(dataset.img_ids)} images, {len(loader)} steps per epoch")
+    print0(f"data: {len(dataset)} captions of {len(dataset.img_ids)} images")
+    trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train,
+                                            CaptionCollator(tokenizer, cfg.max_tokens), device)
 
     def train_step(module, batch, ctx):
-        ramp = cfg.warm_up and ctx.epoch == 0
-        alpha = cfg.alpha * min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch) if ramp else cfg.alpha
+        alpha = ramped_alpha(cfg.alpha, cfg.warm_up, ctx)
         return module(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha=alpha)
 
     best = {"r_mean": -1.0, "epoch": -1}

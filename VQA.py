@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa --checkpoint ALBEF.pth
     python VQA.py ... --checkpoint output/vqa/checkpoint_07.pth --evaluate      # answers only
-    python VQA.py --config configs/VQA_tiny.yaml --output_dir output/vqa_demo \
+    python VQA.py --config configs/VQA_tiny.yaml --output_dir output/demo_vqa \
         --checkpoint output/demo/checkpoint_13.pth --device cpu
 
 Writes ``checkpoint_XX.pth`` every epoch (no validation split, as the original), then
@@ -18,20 +18,18 @@ from typing import Dict, List, Optional, Union
 
 from torch.utils.data import DataLoader, Subset
 
-from dataset import create_loader, create_sampler
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from dataset.vqa_dataset import VQACollator, VQADataset
-from engine.checkpoint import latest_checkpoint
-from engine.recipe import ModelKeys, base_parser, run_cli, setup_run
-from engine.trainer import Trainer, TrainOptions, print0
+from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
+from engine.trainer import TrainOptions, print0
 from engine.vqa import predict_answers
 from models.convert import load_checkpoint
 from models.pretrained import load_bert_weights
 from models.vqa import ALBEFVQA
-from optim import OptimizerConfig, create_optimizer
-from scheduler import SchedulerConfig, create_scheduler
+from optim import OptimizerConfig
+from scheduler import SchedulerConfig
 from utils import distributed as du
-from utils.config import ConfigError, to_dict
+from utils.config import ConfigError
 
 
 @dataclass
@@ -85,8 +83,7 @@ def main(argv=None) -> Dict[str, float]:
     p = base_parser(__doc__, "./configs/VQA.yaml", "output/vqa")
     p.add_argument("--evaluate", action="store_true", help="answer the test questions only, no training")
     p.add_argument("--text_decoder", default=None, help="overrides the config's text_decoder")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
+    add_resume_arg(p)
     args = p.parse_args(argv)
     if args.text_decoder:
         args.options = list(args.options) + [f"text_decoder={args.text_decoder}"]
@@ -109,22 +106,12 @@ def main(argv=None) -> Dict[str, float]:
     if not args.evaluate:
         dataset = VQADataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.vqa_root, cfg.vg_root,
                              "train", cfg.max_ques_words)
-        sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-        loader = create_loader(dataset, sampler, cfg.batch_size_train, cfg.num_workers, train=True,
-                               collate_fn=VQACollator(tokenizer, cfg.max_question_tokens))
-        print0(f"data: {len(dataset)} training questions, {len(loader)} steps per epoch per rank; "
-               f"{len(test_set)} test questions, {len(answer_list)} candidate answers")
-        optimizer = create_optimizer(model, cfg.optimizer)
-        scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
-        trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
-        if args.resume:
-            path = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
-            if path is not None:
-                trainer.resume(path)
+        print0(f"{len(test_set)} test questions, {len(answer_list)} candidate answers")
+        trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train,
+                                                VQACollator(tokenizer, cfg.max_question_tokens), device)
 
         def train_step(module, batch, ctx):
-            ramp = cfg.warm_up and ctx.epoch == 0
-            alpha = cfg.alpha * min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch) if ramp else cfg.alpha
+            alpha = ramped_alpha(cfg.alpha, cfg.warm_up, ctx)
             return module(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
                           batch["answer_mask"], batch["k"], batch["weights"], alpha=alpha)
 

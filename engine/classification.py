@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dataset import CaptionCollator, create_loader, create_sampler
+from dataset import CaptionCollator
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
-from engine.checkpoint import atomic_save, latest_checkpoint
-from engine.recipe import ModelKeys
-from engine.trainer import Trainer, TrainOptions, print0
-from optim import OptimizerConfig, create_optimizer
-from scheduler import SchedulerConfig, create_scheduler
+from engine.checkpoint import atomic_save
+from engine.recipe import ModelKeys, add_resume_arg, make_trainer, ramped_alpha
+from engine.trainer import TrainOptions, print0
+from optim import OptimizerConfig
+from scheduler import SchedulerConfig
 from utils import distributed as du
 from utils.config import to_dict
 
@@ -66,9 +66,7 @@ class ClassifierConfig(ModelKeys, TrainOptions):
 
 def add_classifier_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true", help="evaluate val/test only, no training")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
-    return p
+    return add_resume_arg(p)
 
 
 @torch.no_grad()
@@ -129,22 +127,10 @@ def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Mo
         return results
 
     dataset = make_dataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment))
-    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-    loader = create_loader(dataset, sampler, cfg.batch_size_train, cfg.num_workers, train=True, collate_fn=collate)
-    print0(f"data: {len(dataset)} training samples, {len(loader)} steps per epoch per rank")
-    optimizer = create_optimizer(model, cfg.optimizer)
-    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
-    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
-    if args.resume:
-        path = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
-        if path is None:
-            print0(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
-        else:
-            trainer.resume(path)
+    trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train, collate, device)
 
     def train_step(module, batch, ctx):
-        ramp = cfg.warm_up and ctx.epoch == 0
-        alpha = cfg.alpha * min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch) if ramp else cfg.alpha
+        alpha = ramped_alpha(cfg.alpha, cfg.warm_up, ctx)
         return module(batch["image"], batch["input_ids"], batch["attention_mask"], batch["label"], alpha=alpha)
 
     best: Dict[str, object] = {"acc": -1.0, "epoch": -1, "results": {}}

@@ -68,6 +68,50 @@ def base_parser(description: str, config: str, output_dir: str) -> argparse.Argu
     return p
 
 
+def add_resume_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
+    return p
+
+
+def ramped_alpha(alpha: float, warm_up: bool, ctx) -> float:
+    """The distillation weight: ramped linearly from 0 over the first epoch when ``warm_up`` (the original's)."""
+    if warm_up and ctx.epoch == 0:
+        return alpha * min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch)
+    return alpha
+
+
+def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int, collate_fn, device):
+    """The training half every script shares: an epoch-seeded sampler and loader over ``dataset``, the optimizer
+    and per-step scheduler of ``cfg``, the :class:`~engine.trainer.Trainer`, and ``--resume`` (if the script has
+    it). Returns ``(trainer, loader, sampler)``."""
+    from dataset import create_loader, create_sampler
+    from engine.checkpoint import latest_checkpoint
+    from engine.trainer import Trainer, print0
+    from optim import create_optimizer
+    from scheduler import create_scheduler
+    from utils.config import to_dict
+
+    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+    loader = create_loader(dataset, sampler, batch_size, cfg.num_workers, train=True, collate_fn=collate_fn)
+    print0(f"data: {len(dataset)} training samples, {len(loader)} steps per epoch per rank")
+    optimizer = create_optimizer(model, cfg.optimizer)
+    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
+    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
+    resume = getattr(args, "resume", None)
+    existing = latest_checkpoint(args.output_dir)
+    if resume:
+        path = existing if resume == "latest" else resume
+        if path is None:
+            print0(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
+        else:
+            trainer.resume(path)
+    elif existing:
+        print0(f"warning: {args.output_dir} already holds {os.path.basename(existing)}; starting a new run that "
+               "overwrites it" + (" (pass --resume to continue it instead)" if hasattr(args, "resume") else ""))
+    return trainer, loader, sampler
+
+
 def overrides_of(args: argparse.Namespace) -> list:
     return list(args.options) + ([f"text_encoder={args.text_encoder}"] if args.text_encoder else [])
 
