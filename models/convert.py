@@ -78,9 +78,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Ten
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
     if not has_momentum:  # e.g. a retrieval/pretrain checkpoint into a distill=False model that has no copies
-        extra = [k for k in sd if _is_momentum_key(k)]
-        dropped += extra
-        sd = {k: v for k, v in sd.items() if k not in set(extra)}
+        dropped += [k for k in sd if _is_momentum_key(k)]
+        sd = {k: v for k, v in sd.items() if not _is_momentum_key(k)}
     resize_pos_embeds(sd, model.visual_encoder.patch_embed.num_patches)
     for k, v in sd.items():
         if k in expected and expected[k].shape != v.shape:
