@@ -316,3 +316,42 @@ def test_convert_tool_for_task_layouts(tmp_path, pretrained):
     assert _top(missing) == ["cls_head"] and not unexpected
     with pytest.raises(SystemExit, match="text-assignment"):
         convert_main([str(tmp_path / "pre.pth"), str(tmp_path / "x.pth"), "--to", "nlvr"])
+
+
+# ------------------------------------------------------------------------------------------------- Grad-CAM
+
+def test_itm_gradcam_by_hand():
+    from models.gradcam import itm_gradcam
+
+    torch.manual_seed(0)
+    model = ALBEFRetrieval(_cfg(image_res=32)).eval()  # 4 x 4 patches
+    image = torch.randn(2, 3, 32, 32)
+    ids, mask = _text(2)
+    cam = itm_gradcam(model, image, ids, mask, block_num=FUSION + 1)
+    assert cam.shape == (2, ids.shape[1], 4, 4) and (cam >= 0).all()
+    assert (cam[mask == 0] == 0).all() and cam[mask == 1].sum() > 0
+    assert all(p.grad is None for p in model.parameters())  # weights untouched
+    assert not model.text_encoder.encoder.layer[FUSION + 1].crossattention.self.save_attention
+    # by hand: the same layer with its attention written out, probabilities kept, gradient by autograd
+    sa = model.text_encoder.encoder.layer[FUSION + 1].crossattention.self
+    kept = {}
+
+    def explicit(hidden_states, attn_mask=None, kv_states=None):
+        q, k, v = (sa._split_heads(f(x)) for f, x in ((sa.query, hidden_states), (sa.key, kv_states),
+                                                       (sa.value, kv_states)))
+        kept["probs"] = (q @ k.transpose(-1, -2) / sa.head_dim ** 0.5).softmax(-1)
+        out = kept["probs"] @ v
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+    sa.forward = explicit
+    try:
+        img, txt = model.encode_image(image), model.encode_text(ids, mask)
+        score = model.itm_logits(model.fuse(txt.embeds, mask, img.embeds))[:, 1].sum()
+    finally:
+        del sa.forward
+    probs = kept["probs"]
+    grad = torch.autograd.grad(score, probs)[0]
+    by_hand = (probs[..., 1:] * grad[..., 1:].clamp(min=0)).mean(1) * mask[:, :, None]
+    torch.testing.assert_close(cam.flatten(2), by_hand.detach())
+    with pytest.raises(ValueError, match="text-only"):
+        itm_gradcam(model, image, ids, mask, block_num=0)
