@@ -64,8 +64,6 @@ class PretrainConfig(ModelKeys, TrainOptions):
 def parse_args(argv=None) -> argparse.Namespace:
     p = base_parser(__doc__, "./configs/Pretrain.yaml", "output/pretrain")
     add_resume_arg(p)
-    p.add_argument("--exit_after_epochs", type=int, default=None,
-                   help="stop after this many epochs of this run (time-limited jobs); resume later")
     args = p.parse_args(argv)
     if args.resume is not None and args.resume.lower() in ("false", "0", "no"):
         args.resume = None  # the original's `--resume False`

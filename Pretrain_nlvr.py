@@ -48,7 +48,7 @@ def main(argv=None) -> Dict[str, float]:
     def train_step(module, batch, ctx):
         return module(batch["image"], batch["input_ids"], batch["attention_mask"])
 
-    trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler)
+    trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, exit_after_epochs=args.exit_after_epochs)
     last = latest_checkpoint(args.output_dir)
     print0(f"text-assignment checkpoint for NLVR.py: {last and os.path.abspath(last)}")
     du.cleanup()

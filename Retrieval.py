@@ -19,7 +19,7 @@ from dataset import CaptionCollator
 from dataset.caption_dataset import RetrievalEvalDataset, RetrievalTrainDataset
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import atomic_save
-from engine.recipe import ModelKeys, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
+from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
 from engine.retrieval import itm_rerank_scores, recall_metrics
 from engine.trainer import TrainOptions, print0
 from models.albef import ALBEFRetrieval
@@ -69,7 +69,7 @@ class RetrievalConfig(ModelKeys, TrainOptions):
 def parse_args(argv=None):
     p = base_parser(__doc__, "./configs/Retrieval_flickr.yaml", "output/Retrieval_flickr")
     p.add_argument("--evaluate", action="store_true", help="evaluate val/test only, no training")
-    return p.parse_args(argv)
+    return add_resume_arg(p).parse_args(argv)
 
 
 def evaluate(model, loader, dataset, tokenizer, device, cfg: RetrievalConfig, split: str, output_dir: str,
@@ -130,6 +130,11 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
         return module(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha=alpha)
 
     best = {"r_mean": -1.0, "epoch": -1}
+    best_split = "val" if "val" in eval_sets else "test"
+    if args.resume and os.path.exists(os.path.join(args.output_dir, f"eval_{best_split}.json")):
+        with open(os.path.join(args.output_dir, f"eval_{best_split}.json")) as f:
+            saved = json.load(f)  # the best of the run before the resume
+        best.update(r_mean=saved["r_mean"], epoch=saved.get("epoch", -1))
 
     def after_epoch(epoch: int) -> Dict[str, float]:
         flat = run_eval(save=False)
@@ -144,7 +149,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
         return flat
 
     trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
-                batch_size_of=lambda b: len(b["image"]))
+                batch_size_of=lambda b: len(b["image"]), exit_after_epochs=args.exit_after_epochs)
     print0(f"best epoch: {best['epoch']} (val r_mean {best['r_mean']:.2f})")
     du.cleanup()
     return results

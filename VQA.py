@@ -115,8 +115,10 @@ def main(argv=None) -> Dict[str, float]:
             return module(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
                           batch["answer_mask"], batch["k"], batch["weights"], alpha=alpha)
 
-        trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler,
-                    batch_size_of=lambda b: len(b["image"]))
+        if not trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler,
+                           batch_size_of=lambda b: len(b["image"]), exit_after_epochs=args.exit_after_epochs):
+            du.cleanup()  # stopped early as asked: the test questions are answered after the last epoch
+            return {}
         last_epoch = cfg.scheduler.epochs - 1
 
     results = predict_answers(model, test_loader, answer_list, tokenizer, device, cfg.k_test, cfg.first_token_twice)

@@ -137,7 +137,8 @@ def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Mo
     best_path = os.path.join(args.output_dir, "checkpoint_best.pth")
     if args.resume and os.path.exists(os.path.join(args.output_dir, "eval_val.json")):
         with open(os.path.join(args.output_dir, "eval_val.json")) as f:
-            best.update(acc=json.load(f)["acc"])  # keep the best of the runs before the resume
+            saved = json.load(f)  # the best of the run before the resume
+        best.update(acc=saved["acc"], epoch=saved.get("epoch", -1))
 
     def after_epoch(epoch: int) -> Dict[str, float]:
         flat = run_eval()
@@ -149,7 +150,7 @@ def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Mo
         return flat
 
     trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
-                batch_size_of=lambda b: len(b["label"]))
+                batch_size_of=lambda b: len(b["label"]), exit_after_epochs=args.exit_after_epochs)
     if best["epoch"] >= 0:
         print0(f"best epoch: {best['epoch']} (val acc {100 * best['acc']:.2f}%), saved {best_path}")
     return best["results"]

@@ -71,6 +71,8 @@ def base_parser(description: str, config: str, output_dir: str) -> argparse.Argu
 def add_resume_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
+    p.add_argument("--exit_after_epochs", type=int, default=None,
+                   help="stop after this many epochs of this run (time-limited jobs); resume later")
     return p
 
 

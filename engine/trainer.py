@@ -259,8 +259,9 @@ class Trainer:
     def fit(self, loader, train_step: Callable, epochs: int, sampler=None,
             after_epoch: Optional[Callable[[int], Dict[str, Any]]] = None,
             batch_size_of: Callable[[Any], int] = lambda b: len(b["image"]),
-            exit_after_epochs: Optional[int] = None) -> None:
-        """Train from ``start_epoch`` to ``epochs``; checkpoint and log after each epoch.
+            exit_after_epochs: Optional[int] = None) -> bool:
+        """Train from ``start_epoch`` to ``epochs``; checkpoint and log after each epoch. Returns True when every
+        epoch is done (False after an ``exit_after_epochs`` stop).
 
         Args:
             after_epoch: called with the epoch index after training it (e.g. evaluation); its dict is logged.
@@ -270,6 +271,7 @@ class Trainer:
                f"world size {du.get_world_size()}, precision {self.opts.precision}")
         t0 = time.time()
         done = 0
+        finished = True
         for epoch in range(self.start_epoch, epochs):
             if sampler is not None and hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
@@ -286,6 +288,8 @@ class Trainer:
             done += 1
             if exit_after_epochs is not None and done >= exit_after_epochs and epoch + 1 < epochs:
                 print0(f"stopping after {done} epoch(s) as asked; resume with --resume")
+                finished = False
                 break
         print0(f"Training time {datetime.timedelta(seconds=int(time.time() - t0))}")
         self.log.close()
+        return finished

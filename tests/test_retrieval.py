@@ -159,6 +159,20 @@ def test_retrieval_finetune_keeps_best(tmp_path, tiny_world, pretrained):
     assert best["epoch"] == 0 and "idx_queue" in best["model"]
 
 
+def test_retrieval_exit_and_resume_keeps_the_best_of_both_runs(tmp_path, tiny_world, pretrained):
+    config = _retrieval_config(tmp_path / "r.yaml", tiny_world, schedular={"epochs": 2, "warmup_epochs": 0.05})
+    out = tmp_path / "ft"
+    base = ["--config", config, "--output_dir", str(out), "--device", "cpu", "--checkpoint", str(pretrained)]
+    Retrieval.main(base + ["--exit_after_epochs", "1"])
+    assert (out / "checkpoint_00.pth").exists() and not (out / "checkpoint_01.pth").exists()
+    Retrieval.main(base + ["--resume"])
+    lines = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    best_epoch = max(lines, key=lambda x: x["val_r_mean"])["epoch"]
+    assert torch.load(out / "checkpoint_best.pth", weights_only=True)["epoch"] == best_epoch
+    assert json.loads((out / "eval_val.json").read_text())["epoch"] == best_epoch
+
+
 @pytest.mark.slow
 def test_two_process_evaluate_equals_single_process(tmp_path, tiny_world, pretrained):
     from tests.test_distributed import _torchrun
