@@ -487,34 +487,34 @@ def _nlvr_records(scenes: Sequence[Scene], index: int, rng: random.Random, k: in
 QA = Tuple[str, str, str]  # question, answer, answer type (for the annotator noise)
 
 
-def _q_color(scene: Scene, rng: random.Random, size: int, yes: bool) -> Optional[QA]:
+_ATTRIBUTE_QUESTIONS = {
+    "color": ["what color is {}", "what is the color of {}", "which color is {}"],
+    "shape": ["what shape is {}", "what kind of shape is {}", "which shape is {}"],
+    "size": ["what size is {}", "is {} large or small", "is {} small or large"],
+}
+
+
+def _q_attribute(scene: Scene, rng: random.Random, attr: str) -> Optional[QA]:
+    """The ``attr`` of an object described uniquely by its other attributes ("what color is the large star")."""
     o = rng.choice(scene["objects"])
-    options = _unique_keys(o, scene["objects"], without=("color",))
+    options = _unique_keys(o, scene["objects"], without=(attr,))
     if not options:
         return None
-    the = _the(_desc_of(o, rng.choice(options)), rng)
-    return rng.choice([f"what color is {the}", f"what is the color of {the}", f"which color is {the}"]), \
-        o["color"], "color"
+    noun = {"noun": "object"} if attr == "shape" else {}  # not "what shape is the red shape"
+    the = _the(_desc_of(o, rng.choice(options)), rng, **noun)
+    return rng.choice(_ATTRIBUTE_QUESTIONS[attr]).format(the), o[attr], attr
+
+
+def _q_color(scene: Scene, rng: random.Random, size: int, yes: bool) -> Optional[QA]:
+    return _q_attribute(scene, rng, "color")
 
 
 def _q_shape(scene: Scene, rng: random.Random, size: int, yes: bool) -> Optional[QA]:
-    o = rng.choice(scene["objects"])
-    options = _unique_keys(o, scene["objects"], without=("shape",))
-    if not options:
-        return None
-    the = _the(_desc_of(o, rng.choice(options)), rng, noun="object")  # not "what shape is the red shape"
-    return rng.choice([f"what shape is {the}", f"what kind of shape is {the}", f"which shape is {the}"]), \
-        o["shape"], "shape"
+    return _q_attribute(scene, rng, "shape")
 
 
 def _q_size(scene: Scene, rng: random.Random, size: int, yes: bool) -> Optional[QA]:
-    o = rng.choice(scene["objects"])
-    options = _unique_keys(o, scene["objects"], without=("size",))
-    if not options:
-        return None
-    the = _the(_desc_of(o, rng.choice(options)), rng)
-    return rng.choice([f"what size is {the}", f"is {the} large or small", f"is {the} small or large"]), \
-        o["size"], "size"
+    return _q_attribute(scene, rng, "size")
 
 
 def _q_count(scene: Scene, rng: random.Random, size: int, yes: bool) -> Optional[QA]:
