@@ -2,13 +2,135 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchvision.transforms import v2 as T
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RANDAUGMENT_SPACES = ("albef", "torchvision")
+
+
+def _enhance(v: float) -> float:  # enhancement factor; > 1 brightens / sharpens
+    return v * 1.8 + 0.1
+
+
+def _shear(v: float) -> float:
+    return v * 0.3
+
+
+def _translate(v: float) -> float:  # absolute pixels (the original's translate_const = 10)
+    return v * 10.0
+
+
+def _rotate(v: float) -> float:  # degrees
+    return v * 30.0
+
+
+class ALBEFRandAugment(T.RandAugment):
+    """The original ALBEF's ``RandomAugment(2, 7, isPIL=True, augs=[...])`` on torchvision v2 ops.
+
+    ``num_ops`` ops are drawn uniformly *with replacement* from the 10 ops in ``OPS`` (no Color, Contrast,
+    Posterize or Solarize: captions name colours); each drawn op is then applied with probability ``p``
+    (0.5). ``magnitude`` is a level on the original's 0..``MAX_LEVEL`` (10) scale, with the original's
+    level-to-argument maps (see ``magnitudes``): Brightness and Sharpness use the factor ``v*1.8 + 0.1``
+    (always that factor, no random sign), ShearX/Y ``±0.3 v``, TranslateX/Y ``±10 v`` *pixels* whatever the
+    image size, Rotate ``±30 v`` degrees, with ``v = magnitude / 10`` and a random sign; geometric ops fill
+    with ``fill`` (128 grey) and interpolate bilinearly (the original's cv2 ``INTER_LINEAR``). Signs follow
+    the original's cv2 functions: a positive shear maps ``x -> x + s·y``, a positive translation moves the
+    content left / up, a positive rotation is counter-clockwise. AutoContrast and Equalize work per channel,
+    as the original's. All randomness comes from torch's global RNG (``torch.randint`` / ``torch.rand``), in
+    the original's order: all ops are drawn first, then per op the coin and the sign.
+
+    ``ops`` restricts the space to a subset of ``OPS`` (the original's ``augs`` argument).
+    """
+
+    _v1_transform_cls = None  # torchvision v1 has no equivalent
+
+    MAX_LEVEL = 10
+    # op -> (level-to-argument map of v = level / MAX_LEVEL, in the original's units; random sign)
+    _LEVEL_TO_ARG: Dict[str, Tuple[Optional[Callable[[float], float]], bool]] = {
+        "Identity": (None, False),
+        "AutoContrast": (None, False),
+        "Equalize": (None, False),
+        "Brightness": (_enhance, False),
+        "Sharpness": (_enhance, False),
+        "ShearX": (_shear, True),
+        "ShearY": (_shear, True),
+        "TranslateX": (_translate, True),
+        "TranslateY": (_translate, True),
+        "Rotate": (_rotate, True),
+    }
+    OPS: Tuple[str, ...] = tuple(_LEVEL_TO_ARG)
+
+    # The same space in torchvision's ``_AUGMENTATION_SPACE`` form (bins = levels 0..MAX_LEVEL, magnitudes in
+    # the units of ``_apply_image_or_video_transform``, before the sign), for code that introspects it.
+    _AUGMENTATION_SPACE: Dict[str, Tuple[Callable[[int, int, int], Optional[torch.Tensor]], bool]] = {}
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 7, p: float = 0.5, ops: Optional[Sequence[str]] = None,
+                 interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR, fill: Any = 128) -> None:
+        super().__init__(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=self.MAX_LEVEL + 1,
+                         interpolation=interpolation, fill=fill)
+        if isinstance(magnitude, bool) or not isinstance(magnitude, int) or not 0 <= magnitude <= self.MAX_LEVEL:
+            raise ValueError(f"magnitude must be an integer level in [0, {self.MAX_LEVEL}], got {magnitude!r}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p!r}")
+        ops = tuple(self.OPS if ops is None else ops)
+        unknown = [o for o in ops if o not in self._LEVEL_TO_ARG]
+        if unknown or not ops:
+            raise ValueError(f"ops must be a non-empty subset of {list(self.OPS)}, got {list(ops)}")
+        self.p = float(p)
+        self.ops = ops
+
+    @classmethod
+    def magnitudes(cls, level: int = 7) -> Dict[str, Optional[float]]:
+        """``{op: argument at level}`` in the original's units before the random sign (enhancement factor,
+        shear factor, pixels, degrees; None for ops without a magnitude)."""
+        v = level / cls.MAX_LEVEL
+        return {name: None if fn is None else fn(v) for name, (fn, _) in cls._LEVEL_TO_ARG.items()}
+
+    @staticmethod
+    def _to_torchvision(op: str, value: float) -> float:
+        """An argument in the original's units and sign convention -> ``_apply_image_or_video_transform``'s."""
+        if op in ("Brightness", "Sharpness"):
+            return value - 1.0  # torchvision applies the factor 1 + magnitude
+        if op in ("ShearX", "ShearY", "TranslateX", "TranslateY"):
+            return -value  # torchvision's positive shear maps x -> x - s·y and translates right / down
+        return value
+
+    def forward(self, *inputs: Any) -> Any:
+        flat_inputs_with_spec, image = self._flatten_and_extract_image_or_video(inputs)
+        v = self.magnitude / self.MAX_LEVEL
+        drawn = torch.randint(len(self.ops), (self.num_ops,)).tolist()  # with replacement, as np.random.choice
+        for idx in drawn:
+            op = self.ops[idx]
+            if float(torch.rand(())) > self.p:  # the original: `if np.random.random() > prob: continue`
+                continue
+            fn, signed = self._LEVEL_TO_ARG[op]
+            value = 0.0
+            if fn is not None:
+                value = fn(v)
+                if signed and float(torch.rand(())) < 0.5:
+                    value = -value
+            image = self._apply_image_or_video_transform(image, op, self._to_torchvision(op, value),
+                                                         interpolation=self.interpolation, fill=self._fill)
+        return self._unflatten_and_insert_image_or_video(flat_inputs_with_spec, image)
+
+
+def _space_entry(op: str) -> Callable[[int, int, int], Optional[torch.Tensor]]:
+    fn, signed = ALBEFRandAugment._LEVEL_TO_ARG[op]
+    if fn is None:
+        return lambda num_bins, height, width: None
+    sign = abs if signed else (lambda x: x)  # a signed op's sign is drawn at random
+    return lambda num_bins, height, width: torch.tensor(
+        [sign(ALBEFRandAugment._to_torchvision(op, fn(i / (num_bins - 1)))) for i in range(num_bins)],
+        dtype=torch.float64)
+
+
+ALBEFRandAugment._AUGMENTATION_SPACE = {op: (_space_entry(op), signed)
+                                        for op, (_, signed) in ALBEFRandAugment._LEVEL_TO_ARG.items()}
 
 
 @dataclass
@@ -19,15 +141,33 @@ class AugmentConfig:
     hflip: bool = True  # random horizontal flip (flips "left"/"right" relations, as the original)
     randaugment: bool = True  # RandAugment(num_ops, magnitude)
     randaugment_ops: int = 2
-    randaugment_magnitude: int = 7
+    randaugment_magnitude: int = 7  # albef: level 0..10; torchvision: bin 0..30
+    # albef: the original's RandomAugment (ALBEFRandAugment); torchvision: v2.RandAugment (14 ops, 31 bins)
+    randaugment_space: str = "albef"
 
     def __post_init__(self):
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.randaugment_space not in RANDAUGMENT_SPACES:
+            raise ValueError(f"augment.randaugment_space must be one of {', '.join(RANDAUGMENT_SPACES)}, "
+                             f"got {self.randaugment_space!r}")
+        if self.randaugment_ops < 0:
+            raise ValueError(f"augment.randaugment_ops must be >= 0, got {self.randaugment_ops}")
+        top = ALBEFRandAugment.MAX_LEVEL if self.randaugment_space == "albef" else 30
+        if not 0 <= self.randaugment_magnitude <= top:
+            raise ValueError(f"augment.randaugment_magnitude must be in [0, {top}] for randaugment_space "
+                             f"{self.randaugment_space}, got {self.randaugment_magnitude}")
 
 
 def _to_normalized_tensor() -> List[T.Transform]:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)]
+
+
+def randaugment(cfg: AugmentConfig) -> T.RandAugment:
+    """The RandAugment of ``cfg`` (``ALBEFRandAugment`` or torchvision's ``v2.RandAugment``)."""
+    if cfg.randaugment_space == "albef":
+        return ALBEFRandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude, fill=128)
+    return T.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude, fill=[128, 128, 128])
 
 
 def train_transform(image_res: int, cfg: AugmentConfig) -> T.Compose:
@@ -36,8 +176,7 @@ def train_transform(image_res: int, cfg: AugmentConfig) -> T.Compose:
     if cfg.hflip:
         ops.append(T.RandomHorizontalFlip())
     if cfg.randaugment:
-        ops.append(T.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude,
-                                 fill=[128, 128, 128]))
+        ops.append(randaugment(cfg))
     return T.Compose(ops + _to_normalized_tensor())
 
 
