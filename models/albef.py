@@ -50,6 +50,16 @@ class ALBEFConfig:
         if self.bert.encoder_width != self.vit.embed_dim:
             raise ValueError(f"bert_config encoder_width ({self.bert.encoder_width}) must equal vit.embed_dim "
                              f"({self.vit.embed_dim})")
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+        if not 0 <= self.momentum <= 1:  # also False for nan
+            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if not 0 < self.temp < float("inf"):  # also False for nan
+            raise ValueError(f"temp must be a finite number > 0, got {self.temp}")
 
 
 class Encoded(NamedTuple):
@@ -119,16 +129,19 @@ class ALBEFBase(MomentumMixin, nn.Module):
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
                              idx: Optional[torch.Tensor] = None) -> None:
-        """Write all ranks' momentum features (and image ids) into the ring buffers at ``queue_ptr``, no host sync."""
+        """Write all ranks' momentum features (and image ids) into the ring buffers at ``queue_ptr``, no host sync.
+        Features that are not all finite (a diverging step, which the engine skips) leave the queues as they were."""
         image_feats = all_gather_no_grad(image_feat)
         text_feats = all_gather_no_grad(text_feat)
         n, size = image_feats.shape[0], self.image_queue.shape[1]
+        ok = torch.isfinite(image_feats).all() & torch.isfinite(text_feats).all()
         pos = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % size
-        self.image_queue[:, pos] = image_feats.T.to(self.image_queue.dtype)
-        self.text_queue[:, pos] = text_feats.T.to(self.text_queue.dtype)
+        self.image_queue[:, pos] = torch.where(ok, image_feats.T.to(self.image_queue.dtype), self.image_queue[:, pos])
+        self.text_queue[:, pos] = torch.where(ok, text_feats.T.to(self.text_queue.dtype), self.text_queue[:, pos])
         if idx is not None:
-            self.idx_queue[:, pos] = all_gather_no_grad(idx.reshape(-1)).view(1, -1)
-        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+            new_idx = all_gather_no_grad(idx.reshape(-1)).view(1, -1)
+            self.idx_queue[:, pos] = torch.where(ok, new_idx, self.idx_queue[:, pos])
+        self.queue_ptr.copy_((self.queue_ptr + n * ok.long()) % size)
 
     def _itm_loss(self, txt: "Encoded", img: "Encoded", attention_mask: torch.Tensor, sim_i2t: torch.Tensor,
                   sim_t2i: torch.Tensor, same: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

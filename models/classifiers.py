@@ -112,8 +112,8 @@ class ALBEFNLVR(_FusedClassifier):
 
 class ALBEFTextAssignment(MomentumMixin, nn.Module):
     """NLVR2 text-assignment pre-training (the original ``Pretrain_nlvr.py``): keys ``visual_encoder.*``, the
-    two-image ``text_encoder.*``, ``vision_proj``, ``text_proj``, ``temp`` (kept for the checkpoint layout; only
-    ``vision_proj`` is used, to find similar images) and ``ta_head`` (3 classes). No momentum model."""
+    two-image ``text_encoder.*``, ``vision_proj``, ``text_proj``, ``temp`` (kept for the checkpoint layout and frozen; only
+    ``vision_proj`` is used, without gradient, to find similar images) and ``ta_head`` (3 classes). No momentum model."""
 
     layout = "nlvr_ta"
 
@@ -128,6 +128,10 @@ class ALBEFTextAssignment(MomentumMixin, nn.Module):
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        # Kept for the checkpoint layout only: text_proj and temp take no part in the loss and vision_proj runs under
+        # no_grad (it only ranks similar images), so none of them is trainable; DDP never waits for their gradients.
+        for p in (*self.vision_proj.parameters(), *self.text_proj.parameters(), self.temp):
+            p.requires_grad_(False)
         self.ta_head = nn.Linear(width, 3)
 
     def no_weight_decay(self) -> set:
@@ -144,8 +148,12 @@ class ALBEFTextAssignment(MomentumMixin, nn.Module):
         """Sampling weights over the other images of the batch: ``softmax(v v^T / 0.07)`` with a zero diagonal,
         ``v`` the normalised ``vision_proj`` of each image's [CLS] (as the original: fixed 0.07, not ``temp``)."""
         feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
-        weights = F.softmax(feat @ feat.T / 0.07, dim=1)
-        return weights.fill_diagonal_(0)
+        weights = F.softmax(feat @ feat.T / 0.07, dim=1).fill_diagonal_(0)
+        # Non-finite features (a diverged step) give nan rows, which torch.multinomial rejects: such rows become
+        # uniform over the other images, without a host sync. Finite rows are left exactly as they are.
+        others = torch.ones_like(weights).fill_diagonal_(0)
+        usable = torch.isfinite(weights).all(dim=1, keepdim=True) & (weights.sum(dim=1, keepdim=True) > 0)
+        return torch.where(usable, weights, others)
 
     @torch.no_grad()
     def sample_assignments(self, weights: torch.Tensor, generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
@@ -156,10 +164,17 @@ class ALBEFTextAssignment(MomentumMixin, nn.Module):
         if bsz < 2:
             raise ValueError("text assignment needs at least 2 images per batch (pairs are drawn from the batch)")
         own = torch.arange(bsz, device=weights.device)
+        # Rows torch.multinomial would reject (nan/inf/negative entries, nothing positive; for the draw of two,
+        # fewer than two positive entries) are drawn uniformly over the other images instead; no host sync.
+        others = torch.ones_like(weights).fill_diagonal_(0)
+        usable = (torch.isfinite(weights) & (weights >= 0)).all(dim=1, keepdim=True) & \
+            (weights.sum(dim=1, keepdim=True) > 0)
+        weights = torch.where(usable, weights, others)
         u = torch.rand(2, bsz, generator=generator, device=weights.device)
         j = torch.multinomial(weights, 1, generator=generator).squeeze(1)
         if bsz >= 3:
-            two = torch.multinomial(weights, 2, generator=generator)
+            two_usable = (weights > 0).sum(dim=1, keepdim=True) >= 2
+            two = torch.multinomial(torch.where(two_usable, weights, others), 2, generator=generator)
         else:  # no second other image: never label 2
             two = torch.stack([j, j], dim=1)
             u[0] = 1.0

@@ -50,6 +50,9 @@ def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: Opti
     row, masked columns zeroed, renormalised) without its float32 underflow when the positive dominates.
     A row with no allowed column at all (every sample in the batch is the same image) draws uniformly among
     the other columns (its own column only when the batch has one sample), so sampling never fails.
+    A row whose softmax is not a usable distribution (a nan or +inf similarity in an allowed column, or every
+    allowed similarity -inf, as after a diverged step) draws uniformly among its allowed columns instead of
+    raising; rows of finite similarities are drawn exactly as before. No host synchronisation.
 
     Args:
         sim: [B, B] similarities (student query vs in-batch momentum keys, divided by temp).
@@ -64,6 +67,12 @@ def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: Opti
     if b > 1:
         fallback = fallback.masked_fill(torch.eye(b, dtype=torch.bool, device=sim.device), float("-inf"))
     weights = F.softmax(torch.where(nothing_allowed, fallback, logits), dim=1)
+    # torch.multinomial raises (CPU) or misbehaves (CUDA) on nan/inf/negative weights or a zero row: such rows
+    # are replaced, without a host sync, by the uniform distribution over the row's allowed columns.
+    allowed = torch.zeros_like(logits).masked_fill(same, float("-inf"))
+    uniform = F.softmax(torch.where(nothing_allowed, fallback, allowed), dim=1)
+    usable = torch.isfinite(weights).all(dim=1, keepdim=True) & (weights.sum(dim=1, keepdim=True) > 0)
+    weights = torch.where(usable, weights, uniform)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 

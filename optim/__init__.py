@@ -1,6 +1,7 @@
 """Optimizer factory: AdamW with the original ALBEF weight-decay groups."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -22,6 +23,15 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.opt {self.opt!r} is not supported (adamW or adam)")
         if len(self.betas) != 2:
             raise ValueError(f"optimizer.betas must have two values, got {self.betas}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optimizer.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"optimizer.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        for i, b in enumerate(self.betas):
+            if not 0 <= b < 1:  # also False for nan
+                raise ValueError(f"optimizer.betas[{i}] must be in [0, 1), got {b}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"optimizer.eps must be a finite number > 0, got {self.eps}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:

@@ -11,6 +11,7 @@ The config keeps the original ``schedular`` keys. Differences from the original,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,6 +36,17 @@ class SchedulerConfig:
             raise ValueError(f"schedular.sched {self.sched!r} is not supported (only 'cosine')")
         if self.epochs < 1:
             raise ValueError(f"schedular.epochs must be >= 1, got {self.epochs}")
+        # 0 is allowed: a warm-up from 0 and a cosine down to 0 are common
+        for key in ("warmup_lr", "min_lr"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"schedular.{key} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise ValueError(f"schedular.warmup_epochs must be a finite number >= 0, got {self.warmup_epochs}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"schedular.warmup_steps must be >= 0 (or null), got {self.warmup_steps}")
+        if not (math.isfinite(self.decay_rate) and self.decay_rate > 0):
+            raise ValueError(f"schedular.decay_rate must be a finite number > 0, got {self.decay_rate}")
 
     def num_warmup_steps(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_epochs * 100))

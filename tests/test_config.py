@@ -139,3 +139,47 @@ def test_inline_bert_config(tmp_path):
     p = _write(tmp_path, {"train_file": "a.json", "bert_config": {"hidden_sise": 64}})
     with pytest.raises(ValueError, match="hidden_sise"):
         load_config(PretrainConfig, p).bert(p)
+
+
+class _StubTokenizer:
+    """What ``ModelKeys.albef_config`` reads from a tokenizer."""
+
+    pad_token_id, cls_token_id, mask_token_id = 0, 2, 4
+
+    def __len__(self):
+        return 10
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optimizer.lr=-1e-4", "optimizer.lr"), ("optimizer.lr=0", "optimizer.lr"), ("optimizer.lr=.nan", "optimizer.lr"),
+    ("optimizer.lr=.inf", "optimizer.lr"), ("schedular.warmup_lr=-1e-2", "schedular.warmup_lr"),
+    ("schedular.warmup_lr=.nan", "schedular.warmup_lr"), ("schedular.min_lr=-1e-6", "schedular.min_lr"),
+    ("schedular.min_lr=.inf", "schedular.min_lr"), ("schedular.warmup_epochs=-1", "schedular.warmup_epochs"),
+    ("schedular.warmup_steps=-5", "schedular.warmup_steps"), ("schedular.decay_rate=0", "schedular.decay_rate"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"), ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
+    ("optimizer.betas=[-0.1,0.999]", "optimizer.betas"), ("optimizer.eps=0", "optimizer.eps"),
+    ("queue_size=0", "queue_size"), ("momentum=1.5", "momentum"), ("momentum=-0.1", "momentum"),
+    ("mlm_probability=0", "mlm_probability"), ("mlm_probability=1", "mlm_probability"), ("temp=0", "temp"),
+    ("temp=.nan", "temp"), ("embed_dim=0", "embed_dim"),
+])
+def test_out_of_range_value_is_a_config_error_naming_the_key(override, key, monkeypatch):
+    """Optimizer and scheduler keys fail on load; the model keys when the model config is built from them (as
+    Pretrain.build_model does), with the config file named in both cases."""
+    monkeypatch.chdir(ROOT)  # bert_config is relative to the repository
+    path = os.path.join("configs", "Pretrain_tiny.yaml")
+    with pytest.raises(ConfigError) as info:
+        cfg = load_config(PretrainConfig, path, [override])
+        cfg.albef_config(_StubTokenizer(), path, cfg.mlm_probability)
+    assert key in str(info.value) and "Pretrain_tiny.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["schedular.warmup_lr=0", "schedular.min_lr=0"],  # a warm-up from 0 and a cosine to 0 are legitimate
+    ["optimizer.weight_decay=0", "optimizer.betas=[0,0]", "schedular.warmup_epochs=0", "schedular.warmup_steps=0"],
+    ["momentum=0", "optimizer.lr=1e-30"], ["momentum=1"],
+])
+def test_edge_values_in_range_load(overrides, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = os.path.join("configs", "Pretrain_tiny.yaml")
+    cfg = load_config(PretrainConfig, path, overrides)
+    cfg.albef_config(_StubTokenizer(), path, cfg.mlm_probability)

@@ -395,3 +395,85 @@ def test_sample_hard_negatives_deterministic_with_generator():
 def test_sample_hard_negatives_batch_of_one():
     idx = sample_hard_negatives(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
     assert idx.tolist() == [0]
+
+
+def _old_sample_hard_negatives(sim, same, generator):
+    """The formula before non-finite rows were handled (kept here to pin bitwise parity)."""
+    b = sim.shape[0]
+    logits = sim.float().masked_fill(same, float("-inf"))
+    nothing_allowed = same.all(dim=1, keepdim=True)
+    fallback = torch.zeros_like(logits)
+    if b > 1:
+        fallback = fallback.masked_fill(torch.eye(b, dtype=torch.bool), float("-inf"))
+    weights = torch.nn.functional.softmax(torch.where(nothing_allowed, fallback, logits), dim=1)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def _non_finite_cases():
+    nan, inf = float("nan"), float("inf")
+    b = 6
+    base = torch.randn(b, b, generator=torch.Generator().manual_seed(7))
+    eye = torch.eye(b, dtype=torch.bool)
+    dup = eye.clone()
+    dup[0, 1] = dup[1, 0] = True  # samples 0 and 1 show the same image
+    nan_rows = base.clone()
+    nan_rows[[1, 4]] = nan
+    pos_inf = base.clone()
+    pos_inf[0, 3] = pos_inf[2, 5] = inf
+    pos_inf[3, 3] = inf  # on the (masked) positive: harmless
+    neg_inf = base.clone()
+    neg_inf[1, 2] = -inf  # one allowed column impossible, the rest fine
+    neg_inf[4] = -inf
+    neg_inf[4, 4] = 0.0  # only the masked positive is finite
+    only_masked_finite = base.clone()
+    only_masked_finite[2] = nan
+    only_masked_finite[2, 2] = 5.0
+    only_masked_finite[0, 2:] = nan  # row 0: its allowed columns are 2.. (0 and 1 masked), all nan
+    mixed = base.clone()
+    mixed[5, 0], mixed[5, 1] = inf, nan
+    return [("nan rows", nan_rows, eye), ("+inf", pos_inf, eye), ("-inf", neg_inf, eye),
+            ("all nan", torch.full((b, b), nan), eye), ("only masked finite", only_masked_finite, dup),
+            ("mixed inf/nan", mixed, dup), ("all +inf", torch.full((b, b), inf), dup),
+            ("all -inf", torch.full((b, b), -inf), eye)]
+
+
+@pytest.mark.parametrize("name, sim, same", _non_finite_cases(), ids=[c[0] for c in _non_finite_cases()])
+def test_sample_hard_negatives_non_finite_similarities_never_raise(name, sim, same):
+    """A diverged step (e.g. optimizer.lr=1e30) gives nan/inf similarities: the draw must not raise, and rows
+    that still have an allowed column never return a masked one."""
+    b = sim.shape[0]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        idx = sample_hard_negatives(sim, same, g)
+        assert idx.shape == (b,) and idx.dtype == torch.int64
+        assert not same[torch.arange(b), idx].any(), name
+    for dtype in (torch.float16, torch.bfloat16):
+        idx = sample_hard_negatives(sim.to(dtype), same, g)
+        assert not same[torch.arange(b), idx].any(), (name, dtype)
+
+
+def test_sample_hard_negatives_non_finite_row_is_uniform_over_allowed_columns():
+    b, draws = 5, 3000
+    sim = torch.randn(b, b, generator=torch.Generator().manual_seed(3))
+    sim[2] = float("nan")
+    same = torch.eye(b, dtype=torch.bool)
+    same[2, 4] = True
+    counts = _draw_counts(sim, same, draws, seed=4)
+    allowed = [0, 1, 3]
+    assert counts[2, 2] == counts[2, 4] == 0
+    chi2 = sum((counts[2, j].item() - draws / 3) ** 2 / (draws / 3) for j in allowed)
+    assert chi2 < 25.0, counts[2]  # dof 2: P(chi2_2 > 25) ~ 4e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sample_hard_negatives_finite_input_bitwise_as_before(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    b = 16
+    sim = torch.randn(b, b, generator=g) * 10
+    ids = torch.randint(0, 10, (b,), generator=g)
+    same = ids[:, None] == ids[None, :]
+    same[3, :] = True  # one row with nothing allowed (the fallback path)
+    ga, gb = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        assert torch.equal(sample_hard_negatives(sim, same, ga), _old_sample_hard_negatives(sim, same, gb))
+    assert torch.equal(ga.get_state(), gb.get_state())  # the same amount of randomness consumed

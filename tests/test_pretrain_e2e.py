@@ -82,7 +82,7 @@ def test_checkpoint_initialises_weights(two_epoch_run, tmp_path):
     config, full_out, _ = two_epoch_run
     out = tmp_path / "out"
     _run(config, out, "--checkpoint", str(full_out / "checkpoint_01.pth"), "--options", "schedular.epochs=1",
-         "optimizer.lr=0", "schedular.warmup_lr=0", "schedular.min_lr=0")
+         "optimizer.lr=1e-30", "schedular.warmup_lr=0", "schedular.min_lr=0")
     a = torch.load(full_out / "checkpoint_01.pth", map_location="cpu", weights_only=False)["model"]
     b = torch.load(out / "checkpoint_00.pth", map_location="cpu", weights_only=False)["model"]
     # with lr 0 the online weights stay those of the checkpoint

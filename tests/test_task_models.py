@@ -355,3 +355,57 @@ def test_itm_gradcam_by_hand():
     torch.testing.assert_close(cam.flatten(2), by_hand.detach())
     with pytest.raises(ValueError, match="text-only"):
         itm_gradcam(model, image, ids, mask, block_num=0)
+
+
+def test_text_assignment_non_finite_features_never_raise():
+    """A diverged step gives nan/inf image features: the pair draw must not raise (torch.multinomial rejects nan
+    rows); finite features give exactly the old weights and draws."""
+    torch.manual_seed(0)
+    model = ALBEFTextAssignment(_cfg())
+    bsz = 6
+    own = torch.arange(bsz)
+
+    def check(img0, img1, label):
+        assert torch.all(img0 != img1) and torch.all((label >= 0) & (label <= 2))
+        assert torch.all((img0 == own) == (label == 0)) and torch.all((img1 == own) == (label == 1))
+
+    g = torch.Generator().manual_seed(0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        embeds = torch.randn(bsz, 5, 32)
+        embeds[2, 0, 3] = bad
+        weights = model.pair_weights(embeds)
+        assert torch.isfinite(weights).all() and torch.all(weights.diagonal() == 0) and torch.all(weights >= 0)
+        for _ in range(50):
+            check(*model.sample_assignments(weights, g))
+        ids, mask = _text(bsz)
+        image = torch.randn(bsz, 3, 16, 16)
+        image[1] = bad
+        model(image, ids, mask, generator=g)  # no exception (the loss itself may be nan)
+    # weights handed in directly: nan, inf, negative rows, a row with one positive entry, all zeros
+    nan, inf = float("nan"), float("inf")
+    weights = torch.rand(bsz, bsz, generator=torch.Generator().manual_seed(1)).fill_diagonal_(0)
+    weights[0, 3], weights[1, 4], weights[2, 0] = nan, inf, -0.5
+    weights[3] = 0.0
+    weights[4] = 0.0
+    weights[4, 1] = 1.0  # only one other image possible: fine for one draw, too few for the draw of two
+    for w in (weights, torch.zeros(bsz, bsz), torch.full((bsz, bsz), nan)):
+        for _ in range(50):
+            check(*model.sample_assignments(w, g))
+
+    # finite features: the weights and the draws are bitwise those of the formula before the fallback
+    embeds = torch.randn(bsz, 5, 32)
+    with torch.no_grad():
+        feat = F.normalize(model.vision_proj(embeds[:, 0, :]).float(), dim=-1)
+        old_weights = F.softmax(feat @ feat.T / 0.07, dim=1).fill_diagonal_(0)
+    weights = model.pair_weights(embeds)
+    assert torch.equal(weights, old_weights)
+    ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(10):
+        new = model.sample_assignments(weights, ga)
+        u = torch.rand(2, bsz, generator=gb)
+        j = torch.multinomial(old_weights, 1, generator=gb).squeeze(1)
+        two = torch.multinomial(old_weights, 2, generator=gb)
+        label = torch.where(u[0] > 1 / 3, torch.where(u[1] > 0.5, 0, 1), 2)
+        img0 = torch.where(label == 0, own, torch.where(label == 1, j, two[:, 0]))
+        img1 = torch.where(label == 0, j, torch.where(label == 1, own, two[:, 1]))
+        assert all(torch.equal(a, b) for a, b in zip(new, [img0, img1, label]))
