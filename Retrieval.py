@@ -17,6 +17,7 @@ import torch
 
 from dataset import CaptionCollator
 from dataset.caption_dataset import RetrievalEvalDataset, RetrievalTrainDataset
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import atomic_save
 from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
@@ -55,9 +56,12 @@ class RetrievalConfig(ModelKeys, TrainOptions):
     max_words: int = 30
     max_tokens: int = 30
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=[0.5, 1.0]))
+    on_bad_image: str = "raise"  # training set only (val/test always raise); skip = use the next record
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
 
     def __post_init__(self):
         super().__post_init__()
+        check_image_options(self.on_bad_image, self.max_image_pixels)
         if self.rerank_score not in ("itm", "itm+itc"):
             raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {self.rerank_score!r}")
         if self.k_test < 1 or self.batch_size_train < 2:
@@ -99,7 +103,8 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     eval_sets = {}
     for split, path in (("val", cfg.val_file), ("test", cfg.test_file)):
         if path:
-            ds = RetrievalEvalDataset(path, eval_transform(cfg.image_res), cfg.image_root, cfg.max_words)
+            ds = RetrievalEvalDataset(path, eval_transform(cfg.image_res), cfg.image_root, cfg.max_words,
+                                      cfg.max_image_pixels)
             eval_sets[split] = (ds, torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size_test,
                                                                 num_workers=min(cfg.num_workers, 4)))
     results: Dict[str, Dict[str, float]] = {}
@@ -120,7 +125,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
         return results
 
     dataset = RetrievalTrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
-                                    cfg.max_words)
+                                    cfg.max_words, cfg.on_bad_image, cfg.max_image_pixels)
     print0(f"data: {len(dataset)} captions of {len(dataset.img_ids)} images")
     trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train,
                                             CaptionCollator(tokenizer, cfg.max_tokens), device)

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Union
 from torch.utils.data import DataLoader, Subset
 
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
 from dataset.vqa_dataset import VQACollator, VQADataset
 from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
 from engine.trainer import TrainOptions, print0
@@ -58,9 +59,12 @@ class VQAConfig(ModelKeys, TrainOptions):
     max_question_tokens: int = 25  # training-question truncation (the original's max_length=25)
     first_token_twice: bool = True  # the original's ranking score; false = sequence likelihood only (BLIP)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=[0.5, 1.0]))
+    on_bad_image: str = "raise"  # training set only (the test questions always raise); skip = use the next record
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
 
     def __post_init__(self):
         super().__post_init__()
+        check_image_options(self.on_bad_image, self.max_image_pixels)
         if self.eos != "[SEP]":
             raise ValueError(f"eos must be '[SEP]' (the tokenizer's end token), got {self.eos!r}")
         if self.k_test < 1:
@@ -98,14 +102,15 @@ def main(argv=None) -> Dict[str, float]:
         model.copy_params()
     model.to(device)
 
-    test_set = VQADataset(cfg.test_file, eval_transform(cfg.image_res), cfg.vqa_root, cfg.vg_root, "test", 50)
+    test_set = VQADataset(cfg.test_file, eval_transform(cfg.image_res), cfg.vqa_root, cfg.vg_root, "test", 50,
+                          max_image_pixels=cfg.max_image_pixels)
     test_loader = DataLoader(Subset(test_set, range(du.get_rank(), len(test_set), du.get_world_size())),
                              batch_size=cfg.batch_size_test, num_workers=min(cfg.num_workers, 4),
                              collate_fn=VQACollator(tokenizer, model.cfg.bert.max_position_embeddings))
     last_epoch = 0
     if not args.evaluate:
         dataset = VQADataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.vqa_root, cfg.vg_root,
-                             "train", cfg.max_ques_words)
+                             "train", cfg.max_ques_words, cfg.on_bad_image, cfg.max_image_pixels)
         print0(f"{len(test_set)} test questions, {len(answer_list)} candidate answers")
         trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train,
                                                 VQACollator(tokenizer, cfg.max_question_tokens), device)

@@ -5,7 +5,8 @@
 * retrieval evaluation: a list of ``{"image": path, "caption": [str, ...]}`` (one record per image).
 
 Relative image paths are resolved against ``image_root`` when given, else against the JSON file's folder
-(absolute paths, as in the original pre-training files, are used as they are).
+(absolute paths, as in the original pre-training files, are used as they are). Images are decoded by
+:mod:`dataset.images` (``ImageLoader`` is re-exported here).
 """
 from __future__ import annotations
 
@@ -15,13 +16,11 @@ import os
 import random
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
+from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, BadImagePolicy,  # noqa: F401
+                            ImageLoader, describe_roots, load_first_readable)
 from dataset.text import pre_caption
-
-ImageFile.LOAD_TRUNCATED_IMAGES = True
-Image.MAX_IMAGE_PIXELS = None
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +51,14 @@ def resolve_image(path: str, image_root: Optional[str], ann_file: str) -> str:
     return os.path.join(image_root if image_root else os.path.dirname(os.path.abspath(ann_file)), path)
 
 
-class ImageLoader:
-    """Opens images as RGB. A missing or unreadable file raises, or (``on_bad_image='skip'``) is counted and
-    reported so the caller can substitute another sample."""
-
-    def __init__(self, on_bad_image: str = "skip", max_warnings: int = 20):
-        if on_bad_image not in ("skip", "raise"):
-            raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
-        self.on_bad_image = on_bad_image
-        self.max_warnings = max_warnings
-        self.num_bad = 0
-
-    def __call__(self, path: str) -> Optional[Image.Image]:
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError) as e:
-            if self.on_bad_image == "raise":
-                raise OSError(f"cannot read image {path}: {e}") from e
-            self.num_bad += 1
-            if self.num_bad <= self.max_warnings or self.num_bad % 1000 == 0:
-                log.warning("skipping unreadable image %s (%s); %d skipped so far in this worker",
-                            path, e, self.num_bad)
-            return None
-
-
-class PretrainDataset(Dataset):
-    """(image, caption) pairs for pre-training; returns ``{'image': tensor, 'caption': str}``."""
+class PretrainDataset(BadImagePolicy, Dataset):
+    """(image, caption) pairs for pre-training; returns ``{'image': tensor, 'caption': str, 'bad_images': [path,
+    ...]}``. With ``on_bad_image='skip'`` a bad image is replaced by the next record that loads (wrapping around) and
+    ``bad_images`` lists the paths skipped for this sample (usually none)."""
 
     def __init__(self, ann_files: Union[str, Sequence[str]], transform, image_root: Optional[str] = None,
-                 max_words: int = 30, on_bad_image: str = "skip"):
+                 max_words: int = 30, on_bad_image: str = "skip",
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         if isinstance(ann_files, str):
             ann_files = [ann_files]
         self.records: List[Dict[str, Any]] = []
@@ -95,23 +72,19 @@ class PretrainDataset(Dataset):
             raise ValueError(f"no records in {list(ann_files)}")
         self.transform = transform
         self.max_words = max_words
-        self.load = ImageLoader(on_bad_image)
+        self.load = ImageLoader(on_bad_image, max_image_pixels)
+        self.where = f"annotation files {list(ann_files)}; {describe_roots(ann_files, image_root)}"
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        for attempt in range(len(self.records)):
-            rec = self.records[(index + attempt) % len(self.records)]
-            image = self.load(rec["image"])
-            if image is not None:
-                break
-        else:
-            raise RuntimeError("no readable image in the whole data set")
-        caption = rec["caption"]
+        i, (image,), bad = load_first_readable(index, len(self.records), lambda j: (self.records[j]["image"],),
+                                               self.load, self.where)
+        caption = self.records[i]["caption"]
         if isinstance(caption, list):
             caption = random.choice(caption)
-        return {"image": self.transform(image), "caption": pre_caption(caption, self.max_words)}
+        return {"image": self.transform(image), "caption": pre_caption(caption, self.max_words), "bad_images": bad}
 
 
 class RetrievalEvalDataset(Dataset):
@@ -121,7 +94,8 @@ class RetrievalEvalDataset(Dataset):
         text: all cleaned captions, flattened; ``img2txt[i]``: caption ids of image i; ``txt2img[t]``: image id.
     """
 
-    def __init__(self, ann_file: str, transform, image_root: Optional[str] = None, max_words: int = 30):
+    def __init__(self, ann_file: str, transform, image_root: Optional[str] = None, max_words: int = 30,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         records = load_json_list(ann_file, ("image", "caption"))
         self.transform = transform
         self.images: List[str] = []
@@ -136,7 +110,7 @@ class RetrievalEvalDataset(Dataset):
                 self.txt2img[len(self.text)] = i
                 self.img2txt[i].append(len(self.text))
                 self.text.append(pre_caption(c, max_words))
-        self.load = ImageLoader("raise")
+        self.load = ImageLoader("raise", max_image_pixels)  # evaluation: every image counts, a bad one is an error
 
     def __len__(self) -> int:
         return len(self.images)
@@ -145,12 +119,15 @@ class RetrievalEvalDataset(Dataset):
         return {"image": self.transform(self.load(self.images[index])), "index": index}
 
 
-class RetrievalTrainDataset(Dataset):
+class RetrievalTrainDataset(BadImagePolicy, Dataset):
     """One record per (image, caption) with an ``image_id`` (the original ``re_train_dataset``); returns
-    ``{'image', 'caption', 'idx'}`` where ``idx`` numbers the distinct image ids in order of first appearance."""
+    ``{'image', 'caption', 'idx', 'bad_images'}`` where ``idx`` numbers the distinct image ids in order of first
+    appearance. ``on_bad_image='skip'`` replaces a record whose image is bad by the next one that loads (image,
+    caption and ``idx`` together); ``bad_images`` lists the skipped paths."""
 
     def __init__(self, ann_files: Union[str, Sequence[str]], transform, image_root: Optional[str] = None,
-                 max_words: int = 30):
+                 max_words: int = 30, on_bad_image: str = "raise",
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         if isinstance(ann_files, str):
             ann_files = [ann_files]
         self.records: List[Dict[str, Any]] = []
@@ -164,12 +141,15 @@ class RetrievalTrainDataset(Dataset):
                                      "idx": self.img_ids[key]})
         self.transform = transform
         self.max_words = max_words
-        self.load = ImageLoader("raise")
+        self.load = ImageLoader(on_bad_image, max_image_pixels)
+        self.where = f"annotation files {list(ann_files)}; {describe_roots(ann_files, image_root)}"
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        rec = self.records[index]
-        return {"image": self.transform(self.load(rec["image"])), "caption": pre_caption(rec["caption"], self.max_words),
-                "idx": rec["idx"]}
+        i, (image,), bad = load_first_readable(index, len(self.records), lambda j: (self.records[j]["image"],),
+                                               self.load, self.where)
+        rec = self.records[i]
+        return {"image": self.transform(image), "caption": pre_caption(rec["caption"], self.max_words),
+                "idx": rec["idx"], "bad_images": bad}

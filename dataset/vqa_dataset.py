@@ -14,15 +14,24 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
-from dataset.caption_dataset import ImageLoader, load_json_list, resolve_image
+from dataset.caption_dataset import load_json_list, resolve_image
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, ImageLoader, describe_roots, load_first_readable
 from dataset.text import pre_question
 
 
-class VQADataset(Dataset):
+class VQADataset(BadImagePolicy, Dataset):
+    """Train samples: ``{'question', 'answers', 'weights', 'image', 'bad_images'}``; test samples: ``{'question',
+    'question_id', ('gt'), 'image', 'bad_images'}``. ``on_bad_image='skip'`` (training only: every test question
+    must be answered) replaces a record with a bad image by the next one that loads (image, question and answers
+    together); ``bad_images`` lists the skipped paths."""
+
     def __init__(self, ann_files: Union[str, Sequence[str]], transform, vqa_root: Optional[str] = None,
-                 vg_root: Optional[str] = None, split: str = "train", max_ques_words: int = 30):
+                 vg_root: Optional[str] = None, split: str = "train", max_ques_words: int = 30,
+                 on_bad_image: str = "raise", max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split == "test" and on_bad_image != "raise":
+            raise ValueError("on_bad_image must be 'raise' for the VQA test split (every question is answered)")
         if isinstance(ann_files, str):
             ann_files = [ann_files]
         self.split = split
@@ -46,7 +55,9 @@ class VQADataset(Dataset):
         if not self.records:
             raise ValueError(f"no records in {list(ann_files)}")
         self.transform = transform
-        self.load = ImageLoader("raise")
+        self.load = ImageLoader(on_bad_image, max_image_pixels)
+        self.where = (f"annotation files {list(ann_files)}; vqa_root: {describe_roots(ann_files, vqa_root)}; "
+                      f"vg_root: {describe_roots(ann_files, vg_root)}")
 
     @staticmethod
     def _answer_weights(answer, kind: str, path: str, index: int):
@@ -63,9 +74,11 @@ class VQADataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        rec = self.records[index]
-        out = {k: v for k, v in rec.items() if k != "image"}
-        out["image"] = self.transform(self.load(rec["image"]))
+        i, (image,), bad = load_first_readable(index, len(self.records), lambda j: (self.records[j]["image"],),
+                                               self.load, self.where)
+        out = {k: v for k, v in self.records[i].items() if k != "image"}
+        out["image"] = self.transform(image)
+        out["bad_images"] = bad
         return out
 
 
@@ -79,7 +92,8 @@ def tokenize_answers(tokenizer, answers: Sequence[str]) -> Dict[str, torch.Tenso
 class VQACollator:
     """Train: ``{'image', 'question_ids', 'question_mask', 'answer_ids', 'answer_mask', 'k', 'weights'}`` with
     every question's answers one after another (``k`` answers per question). Test: ``{'image', 'question_ids',
-    'question_mask', 'question_id'}`` (+ ``'gt'``, the annotators' answers, a list, when present)."""
+    'question_mask', 'question_id'}`` (+ ``'gt'``, the annotators' answers, a list, when present). Both:
+    ``'bad_images'``, the image paths skipped for this batch's samples (a flat list of str, usually empty)."""
 
     def __init__(self, tokenizer, max_question_tokens: int):
         self.tokenizer, self.max_question_tokens = tokenizer, max_question_tokens
@@ -99,4 +113,5 @@ class VQACollator:
             batch["question_id"] = torch.tensor([s["question_id"] for s in samples])
             if "gt" in samples[0]:
                 batch["gt"] = [s["gt"] for s in samples]
+        batch["bad_images"] = [p for s in samples for p in s.get("bad_images", ())]
         return batch

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dataset import CaptionCollator
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import atomic_save
 from engine.recipe import ModelKeys, add_resume_arg, make_trainer, ramped_alpha
@@ -51,9 +52,12 @@ class ClassifierConfig(ModelKeys, TrainOptions):
     max_words: int = 30  # words kept by pre_caption
     max_tokens: int = 100  # tokenizer truncation (the original does not truncate these short sentences)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=[0.5, 1.0]))
+    on_bad_image: str = "raise"  # training set only (val/test always raise); skip = use the next record
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
 
     def __post_init__(self):
         super().__post_init__()
+        check_image_options(self.on_bad_image, self.max_image_pixels)
         if not self.train_file:
             raise ValueError("train_file is required")
         if self.batch_size is not None:
@@ -76,7 +80,7 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}  # not bad_images
         pred = model.classify(batch["image"], batch["input_ids"], batch["attention_mask"]).argmax(-1)
         counts[0] += (pred == batch["label"]).sum()
         counts[1] += batch["label"].numel()
@@ -100,8 +104,9 @@ def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Mo
     ``{"val": {"acc": ...}, "test": {"acc": ...}}`` at the best epoch (or the evaluated model).
     """
     collate = CaptionCollator(tokenizer, min(cfg.max_tokens, model.cfg.bert.max_position_embeddings))
-    eval_sets = {split: eval_loader(make_dataset(path, eval_transform(cfg.image_res)), cfg.batch_size_test,
-                                    min(cfg.num_workers, 4), collate)
+    eval_sets = {split: eval_loader(make_dataset(path, eval_transform(cfg.image_res)).set_image_options(
+                                        "raise", cfg.max_image_pixels), cfg.batch_size_test, min(cfg.num_workers, 4),
+                                    collate)
                  for split, path in (("val", cfg.val_file), ("test", cfg.test_file)) if path}
     model.to(device)
 
@@ -126,7 +131,8 @@ def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Mo
                 f.write(json.dumps({**flat, "epoch": 0}) + "\n")
         return results
 
-    dataset = make_dataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment))
+    dataset = make_dataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment)).set_image_options(
+        cfg.on_bad_image, cfg.max_image_pixels)
     trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train, collate, device)
 
     def train_step(module, batch, ctx):

@@ -11,10 +11,10 @@ import os
 from typing import List, Tuple
 
 import torch
-from PIL import Image
 
 from models import load_model
 from models.tokenizer import tokenize
+from dataset.images import load_rgb
 from dataset.text import pre_caption
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -26,7 +26,7 @@ def search(model, paths: List[str], query: str, k_test: int = 16, batch_size: in
     """Returns ``(path, itm_score, itc_similarity)`` for the ``k_test`` best images by ITC, sorted by ITM."""
     feats, embeds = [], []
     for i in range(0, len(paths), batch_size):
-        images = torch.stack([model.transform(Image.open(p).convert("RGB")) for p in paths[i:i + batch_size]])
+        images = torch.stack([model.transform(load_rgb(p)) for p in paths[i:i + batch_size]])
         out = model.encode_image(images.to(device))
         feats.append(out.feat)
         embeds.append(out.embeds)

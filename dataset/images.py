@@ -1,0 +1,284 @@
+"""Image decoding for every data set: a file -> an 8-bit RGB ``PIL.Image``, or a :class:`BadImageError` that says
+which file and why.
+
+Decoding rules (``to_rgb``):
+
+* ``RGB`` is kept; ``1`` / ``L`` greys are replicated to three channels; ``CMYK``, ``YCbCr``, ``RGBX``, ``HSV``
+  and ``LAB`` are converted by PIL. ICC profiles are not applied (as the original).
+* 16- and 32-bit integer greys (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``, ``I``) are scaled to 8 bit by their bit
+  depth with ``round(v * 255 / (2**bits - 1))``: a 16-bit 65535 -> 255, 32768 -> 128 (PIL's own
+  ``convert('RGB')`` clips them at 255, so a 16-bit photo becomes white). ``bits`` is 16 for the ``I;16*`` modes;
+  for ``I`` it is the TIFF ``BitsPerSample`` (signed TIFF samples: negatives clip to 0 and the scale is
+  ``2**(bits-1) - 1``), 16 for a PNG (older Pillow opened 16-bit PNGs as ``I``), else 32.
+* ``F`` (32-bit float) greys: values already in [0, 1] are scaled by 255; any other range is stretched linearly from
+  its minimum to its maximum onto [0, 255] (a constant image gives 0). NaN counts as the minimum, +/-inf are
+  clipped to the finite range.
+* Transparency (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``, and ``P`` / ``L`` / ``RGB`` with a ``transparency``
+  entry, e.g. a PNG ``tRNS`` palette) is alpha-composited onto a **white** background (:data:`BACKGROUND`).
+  ``convert('RGB')``, the original's, dropped alpha and kept the colour stored under transparent pixels, often
+  black or junk.
+* EXIF orientation is deliberately *not* applied (no ``exif_transpose``): the original did not either, and the
+  released checkpoints were trained on the stored pixel order.
+* Multi-frame files (GIF, TIFF, APNG) give their first frame.
+
+Bad files: a missing or unreadable path, a file PIL cannot identify, a truncated or corrupt file (the image is fully
+decoded with ``im.load()`` while PIL's ``LOAD_TRUNCATED_IMAGES`` is off, so a torn JPEG is an error rather than a
+grey-filled picture), an image with zero pixels, or one with more than ``max_image_pixels`` pixels (PIL's
+decompression-bomb guard; default :data:`DEFAULT_MAX_IMAGE_PIXELS`, PIL's own default; ``None`` = no limit). The
+limit is checked on the header's size before anything is decoded.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageFile
+
+log = logging.getLogger(__name__)
+
+#: PIL's default ``Image.MAX_IMAGE_PIXELS`` (``1024 * 1024 * 1024 // 4 // 3`` = 89,478,485 pixels, about a
+#: 9,459 x 9,459 image): the default of the ``max_image_pixels`` config key.
+DEFAULT_MAX_IMAGE_PIXELS: int = int(1024 * 1024 * 1024 // 4 // 3)
+#: The values of the ``on_bad_image`` config key.
+ON_BAD_IMAGE_CHOICES = ("skip", "raise")
+#: Colour transparent pixels are composited onto.
+BACKGROUND = (255, 255, 255)
+#: ``BadImageError.reason`` values.
+REASONS = ("missing", "unreadable", "not_an_image", "truncated", "corrupt", "too_large", "empty", "unsupported_mode")
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_INT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_PIL_GLOBALS_LOCK = threading.Lock()
+
+
+class BadImageError(OSError):
+    """An image that cannot be used: ``path``, ``reason`` (one of :data:`REASONS`) and ``detail``."""
+
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        self.path, self.reason, self.detail = path, reason, detail
+        super().__init__(f"bad image {path}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):  # picklable across loader workers and multiprocessing pools
+        return BadImageError, (self.path, self.reason, self.detail)
+
+
+def check_image_options(on_bad_image: str, max_image_pixels: Optional[int]) -> None:
+    """Validate the ``on_bad_image`` and ``max_image_pixels`` config keys (errors name the key)."""
+    if on_bad_image not in ON_BAD_IMAGE_CHOICES:
+        raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
+    if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int)
+                                         or max_image_pixels < 1):
+        raise ValueError(f"max_image_pixels must be a positive integer or null (no limit), got {max_image_pixels!r}")
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+def _round_u8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
+
+
+def _int_bit_depth(im: Image.Image) -> Tuple[int, bool]:
+    """(bits, signed) of an integer grey image."""
+    if im.mode.startswith("I;16"):
+        return 16, False
+    tags = getattr(im, "tag_v2", None)
+    if tags is not None:  # TIFF: BitsPerSample (258), SampleFormat (339: 1 unsigned, 2 signed)
+        bits = tags.get(258)
+        fmt = tags.get(339)
+        bits = bits[0] if isinstance(bits, (tuple, list)) and bits else bits
+        fmt = fmt[0] if isinstance(fmt, (tuple, list)) and fmt else fmt
+        if isinstance(bits, int) and 1 <= bits <= 32:
+            return bits, fmt == 2
+    if im.format == "PNG":
+        return 16, False
+    return 32, False
+
+
+def _int_grey_to_u8(im: Image.Image) -> np.ndarray:
+    bits, signed = _int_bit_depth(im)
+    top = float(2 ** (bits - 1) - 1 if signed else 2 ** bits - 1)
+    a = np.asarray(im).astype(np.float64)
+    return _round_u8(np.clip(a, 0.0, top) * (255.0 / top))
+
+
+def _float_grey_to_u8(im: Image.Image) -> np.ndarray:
+    a = np.asarray(im).astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    a = np.where(np.isnan(a), lo, np.clip(a, lo, hi))
+    if lo >= 0.0 and hi <= 1.0:
+        return _round_u8(a * 255.0)
+    if hi == lo:
+        return np.zeros(a.shape, np.uint8)
+    return _round_u8((a - lo) * (255.0 / (hi - lo)))
+
+
+def to_rgb(im: Image.Image, background: Tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """A new 8-bit RGB image from a loaded PIL image of any mode (rules in the module docstring).
+
+    Raises ``ValueError`` for a mode PIL cannot convert."""
+    mode = im.mode
+    if mode in _INT_GREY_MODES:
+        return Image.fromarray(_int_grey_to_u8(im), "L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(_float_grey_to_u8(im), "L").convert("RGB")
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in im.info):
+        if mode == "La":  # PIL converts premultiplied La only to LA
+            im = im.convert("LA")
+        rgba = im.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        out.alpha_composite(rgba)
+        return out.convert("RGB")
+    return im.convert("RGB")  # a copy for RGB; 1 / L replicated; P, CMYK, YCbCr, RGBX, HSV, LAB by PIL
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+@contextlib.contextmanager
+def _pil_guards(max_image_pixels: Optional[int]) -> Iterator[None]:
+    """Make PIL refuse what we refuse, for this call only.
+
+    PIL checks ``Image.MAX_IMAGE_PIXELS`` inside ``Image.open`` (an error over twice the limit, a warning over it)
+    and reads ``ImageFile.LOAD_TRUNCATED_IMAGES`` while decoding. Both are process globals: they are changed only
+    when they would let through less than asked (a looser pixel limit than PIL's; truncated loading turned on by
+    some other code), under a lock, and restored afterwards. The warning is made an error."""
+    current = Image.MAX_IMAGE_PIXELS
+    loosen = current is not None and (max_image_pixels is None or max_image_pixels > current)
+    strict_truncation = ImageFile.LOAD_TRUNCATED_IMAGES
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if not loosen and not strict_truncation:
+            yield
+            return
+        with _PIL_GLOBALS_LOCK:
+            saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+            if loosen:
+                Image.MAX_IMAGE_PIXELS = max_image_pixels
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            try:
+                yield
+            finally:
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    if isinstance(e, (IsADirectoryError, NotADirectoryError, PermissionError)):
+        return "unreadable"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return "too_large"
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not_an_image"
+    if "truncated" in str(e).lower():
+        return "truncated"
+    return "corrupt"
+
+
+def load_rgb(path: str, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+             background: Tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Open, fully decode and convert ``path`` to 8-bit RGB; any problem raises :class:`BadImageError`."""
+    try:
+        with _pil_guards(max_image_pixels), Image.open(path) as im:
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise BadImageError(path, "empty", f"size {w}x{h}")
+            if max_image_pixels is not None and w * h > max_image_pixels:
+                raise BadImageError(path, "too_large", f"{w}x{h} = {w * h} pixels > max_image_pixels "
+                                                       f"{max_image_pixels}")
+            im.load()  # decodes everything: a truncated or corrupt file fails here, not in the transform
+            try:
+                return to_rgb(im, background)
+            except ValueError as e:
+                raise BadImageError(path, "unsupported_mode", f"mode {im.mode}: {e}") from e
+    except BadImageError:
+        raise
+    except MemoryError as e:
+        raise BadImageError(path, "too_large", f"out of memory decoding it: {e}") from e
+    except Exception as e:  # PIL's plugins raise OSError, SyntaxError, ValueError, struct.error, IndexError, ...
+        reason = _reason(e)
+        raise BadImageError(path, reason, "" if reason == "missing" else f"{type(e).__name__}: {e}") from e
+
+
+class ImageLoader:
+    """Loads images with :func:`load_rgb`. A bad image raises :class:`BadImageError` (``on_bad_image='raise'``) or
+    (``'skip'``) returns ``None``, counted in ``num_bad`` (per process: each loader worker has its own copy) and
+    logged for the first ``max_warnings`` skips (then every 1000th); the last error is kept in ``last_error``.
+    Exact totals come from the ``bad_images`` key the data sets put in every sample."""
+
+    def __init__(self, on_bad_image: str = "skip", max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_warnings: int = 20):
+        check_image_options(on_bad_image, max_image_pixels)
+        self.on_bad_image = on_bad_image
+        self.max_image_pixels = max_image_pixels
+        self.max_warnings = max_warnings
+        self.num_bad = 0
+        self.last_error: Optional[BadImageError] = None
+
+    def __call__(self, path: str) -> Optional[Image.Image]:
+        try:
+            return load_rgb(path, self.max_image_pixels)
+        except BadImageError as e:
+            self.last_error = e
+            if self.on_bad_image == "raise":
+                raise
+            self.num_bad += 1
+            if self.num_bad <= self.max_warnings or self.num_bad % 1000 == 0:
+                log.warning("skipping %s; %d skipped so far in this worker (pid %d)", e, self.num_bad, os.getpid())
+            return None
+
+
+class BadImagePolicy:
+    """Mixin of the training data sets that take ``on_bad_image``: ``self.load`` is their :class:`ImageLoader`,
+    ``self.where`` describes their files and image root for the error raised when no record loads."""
+
+    load: ImageLoader
+    where: str = ""
+
+    def set_image_options(self, on_bad_image: str, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+        """Replace the loader (for data sets built by someone else's factory); returns ``self``."""
+        self.load = ImageLoader(on_bad_image, max_image_pixels)
+        return self
+
+
+def describe_roots(ann_files: Sequence[str], image_root: Optional[str]) -> str:
+    """Where relative image paths were looked for, for error messages."""
+    if image_root:
+        return f"image_root: {image_root!r} (resolved: {os.path.abspath(image_root)})"
+    folders = sorted({os.path.dirname(os.path.abspath(f)) for f in ann_files})
+    return "image_root is not set, so relative paths were resolved against the JSON file's folder: " + \
+        ", ".join(folders)
+
+
+def load_first_readable(index: int, num_records: int, paths_of: Callable[[int], Sequence[str]],
+                        loader: ImageLoader, where: str) -> Tuple[int, List[Image.Image], List[str]]:
+    """The images of record ``index`` or, when one of them is bad and ``loader`` skips, of the next record (wrapping
+    around) whose images all load: ``(record used, its images, the bad paths met on the way)``. A whole record is
+    substituted, never one image of it, so captions, labels and pairs stay with their images.
+
+    When no record loads, raises ``RuntimeError`` naming the first failures and ``where`` (the annotation files and
+    :func:`describe_roots`)."""
+    bad: List[str] = []
+    errors: Dict[str, str] = {}  # the first few distinct failing paths -> error
+    for attempt in range(num_records):
+        i = (index + attempt) % num_records
+        images = []
+        for p in paths_of(i):
+            image = loader(p)
+            if image is None:
+                bad.append(p)
+                if len(errors) < 3 and p not in errors:
+                    errors[p] = str(loader.last_error) if loader.last_error is not None else f"bad image {p}"
+                break
+            images.append(image)
+        else:
+            return i, images, bad
+    raise RuntimeError(
+        f"no readable image in the whole data set: all {num_records} records failed ({where}). First failures: "
+        + "; ".join(errors.values()) + ". Check image_root (and that the image paths in the JSON are right); "
+        "`python -m tools.check_data --config <config>` lists every bad record.")
