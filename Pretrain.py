@@ -17,6 +17,7 @@ import torch
 
 from dataset import CaptionCollator
 from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.retrieval import itc_retrieval
 from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
@@ -45,7 +46,8 @@ class PretrainConfig(ModelKeys, TrainOptions):
     max_words: int = 30  # caption words kept by pre_caption
     max_tokens: int = 25  # tokens per caption including [CLS]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    on_bad_image: str = "skip"  # skip (with a counted warning) or raise
+    on_bad_image: str = "skip"  # skip (the next record is used; reported in batch["bad_images"]) or raise
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
     test_file: Optional[str] = None  # retrieval-format JSON evaluated zero-shot (ITC) after every epoch
     batch_size_test: int = 64
 
@@ -55,8 +57,7 @@ class PretrainConfig(ModelKeys, TrainOptions):
             raise ValueError("train_file is required (a JSON file or a list of them)")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (ITM needs an in-batch negative)")
-        if self.on_bad_image not in ("skip", "raise"):
-            raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {self.on_bad_image!r}")
+        check_image_options(self.on_bad_image, self.max_image_pixels)
         if self.tokenizer is None and self.text_encoder is None:
             raise ValueError("tokenizer must be given when text_encoder is null")
 
@@ -97,7 +98,7 @@ def main(argv=None) -> Dict[str, float]:
     print0(f"model: {n_train / 1e6:.1f} M trainable parameters")
 
     dataset = PretrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
-                              cfg.max_words, cfg.on_bad_image)
+                              cfg.max_words, cfg.on_bad_image, cfg.max_image_pixels)
     # Optimizer and scheduler on the unwrapped model, before DDP (as the original).
     model.to(device)
     trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size,
@@ -111,13 +112,12 @@ def main(argv=None) -> Dict[str, float]:
     after_epoch: Optional[Callable[[int], Dict[str, float]]] = None
     if cfg.test_file:
         test_set = RetrievalEvalDataset(cfg.test_file, eval_transform(cfg.image_res), cfg.image_root,
-                                        cfg.max_words)
-        test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.batch_size_test,
+                                        cfg.max_words, cfg.max_image_pixels)
+        shard = torch.utils.data.Subset(test_set, range(du.get_rank(), len(test_set), du.get_world_size()))
+        test_loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size_test,
                                                   num_workers=min(cfg.num_workers, 2))
 
-        def evaluate(epoch: int) -> Dict[str, float]:
-            if not du.is_main_process():
-                return {}
+        def evaluate(epoch: int) -> Dict[str, float]:  # sharded: every rank encodes its share of the test set
             metrics = itc_retrieval(model, test_loader, test_set, tokenizer, device)
             results.clear()
             results.update(metrics)

@@ -41,7 +41,7 @@ def main(argv=None) -> Dict[str, float]:
     model.to(device)
 
     dataset = PretrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
-                              cfg.max_words, cfg.on_bad_image)
+                              cfg.max_words, cfg.on_bad_image, cfg.max_image_pixels)
     trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size,
                                             CaptionCollator(tokenizer, cfg.max_tokens), device)
 

@@ -3,6 +3,11 @@
 A checkpoint is a dict with the keys below. ``model`` is the plain state dict of the unwrapped model in the
 original ALBEF layout, so a pre-training checkpoint written here is also a valid ``{'model': ...}`` file for
 code that reads the released checkpoints.
+
+Two kinds share the layout: ``checkpoint_XX.pth`` at the end of epoch XX (``epoch`` = XX, no position inside the
+epoch), and ``checkpoint_last.pth`` written inside an epoch (every ``checkpoint_every_steps`` / ``_minutes``, and on
+SIGTERM / SIGUSR1), whose ``position`` says how many batches of ``epoch`` are done. ``--resume`` takes whichever
+holds the highest global ``step``.
 """
 from __future__ import annotations
 
@@ -10,14 +15,20 @@ import glob
 import os
 import random
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL, OPTIMIZER, SCHEDULER, SCALER = "model", "optimizer", "lr_scheduler", "scaler"
 CONFIG, EPOCH, STEP, RNG, VERSION = "config", "epoch", "step", "rng_state", "version"
+# new in version 2
+POSITION = "position"  # checkpoint_last.pth: {"step_in_epoch", "steps_per_epoch", "batch_size", "world_size", sums}
+GUARD = "guard"  # divergence-guard counters {"bad_steps", "consecutive_bad"}
+CHECKSUMS = "param_checksums"  # one float64 [n_params, 2] tensor (sum, sum of squares) per rank
+RUN = "run"  # {"seed", "world_size"}: what the run was launched with besides the config
+LAST_NAME = "checkpoint_last.pth"
 
 
 def rng_state() -> Dict[str, Any]:
@@ -54,14 +65,54 @@ def checkpoint_path(output_dir: str, epoch: int) -> str:
     return os.path.join(output_dir, f"checkpoint_{epoch:02d}.pth")
 
 
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The checkpoint of the highest epoch in ``output_dir`` (``checkpoint_XX.pth``), or None."""
+def last_path(output_dir: str) -> str:
+    return os.path.join(output_dir, LAST_NAME)
+
+
+def epoch_checkpoints(output_dir: str) -> List[str]:
+    """``checkpoint_XX.pth`` files of ``output_dir``, by epoch."""
     found = []
     for p in glob.glob(os.path.join(output_dir, "checkpoint_*.pth")):
         m = re.fullmatch(r"checkpoint_(\d+)\.pth", os.path.basename(p))
         if m:
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def run_checkpoints(output_dir: str) -> List[str]:
+    """Every training checkpoint of a run in ``output_dir`` (epoch ones and ``checkpoint_last.pth``)."""
+    paths = epoch_checkpoints(output_dir)
+    return paths + ([last_path(output_dir)] if os.path.isfile(last_path(output_dir)) else [])
+
+
+def _step_of(path: str) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(STEP, -1))
+    except Exception:  # an unreadable file is never the one to resume from
+        return -1
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The checkpoint to resume from: of the newest ``checkpoint_XX.pth`` and ``checkpoint_last.pth``, the one with
+    the highest global step (the epoch one on a tie); None when there is neither."""
+    epochs = epoch_checkpoints(output_dir)
+    newest = epochs[-1] if epochs else None
+    last = last_path(output_dir)
+    if not os.path.isfile(last):
+        return newest
+    if newest is None or _step_of(last) > _step_of(newest):
+        return last
+    return newest
+
+
+@torch.no_grad()
+def param_checksums(model: torch.nn.Module) -> torch.Tensor:
+    """Per trainable parameter: (sum, sum of squares) in float64, on the parameters' device. Equal on every rank iff
+    (for all practical purposes) the ranks hold equal weights; non-finite iff a weight is."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params])
 
 
 def load_training_state(path: str) -> Dict[str, Any]:

@@ -71,6 +71,11 @@ def base_parser(description: str, config: str, output_dir: str) -> argparse.Argu
 def add_resume_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run: a checkpoint path, or no value for the newest in --output_dir")
+    p.add_argument("--resume_changes", choices=("refuse", "apply"), default="refuse",
+                   help="on --resume with settings that differ from the checkpoint's: refuse (default, lists them) "
+                        "or apply the new ones")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output_dir that holds another run's checkpoints (deletes them)")
     p.add_argument("--exit_after_epochs", type=int, default=None,
                    help="stop after this many epochs of this run (time-limited jobs); resume later")
     return p
@@ -84,33 +89,47 @@ def ramped_alpha(alpha: float, warm_up: bool, ctx) -> float:
 
 
 def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int, collate_fn, device):
-    """The training half every script shares: an epoch-seeded sampler and loader over ``dataset``, the optimizer
-    and per-step scheduler of ``cfg``, the :class:`~engine.trainer.Trainer`, and ``--resume`` (if the script has
-    it). Returns ``(trainer, loader, sampler)``."""
-    from dataset import create_loader, create_sampler
-    from engine.checkpoint import latest_checkpoint
+    """The training half every script shares: a resumable epoch-seeded sampler and loader over ``dataset`` (every
+    sample under its own random stream, see ``dataset/sampling.py``), the optimizer and per-step scheduler of
+    ``cfg``, the :class:`~engine.trainer.Trainer`, the output-folder check and ``--resume`` (if the script has it).
+    Returns ``(trainer, loader, sampler)``."""
+    from dataset.sampling import create_train_loader
+    from engine.resume import prepare_output_dir, resolve_resume_path
     from engine.trainer import Trainer, print0
     from optim import create_optimizer
     from scheduler import create_scheduler
+    from utils import distributed as du
     from utils.config import to_dict
 
-    sampler = create_sampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-    loader = create_loader(dataset, sampler, batch_size, cfg.num_workers, train=True, collate_fn=collate_fn)
-    print0(f"data: {len(dataset)} training samples, {len(loader)} steps per epoch per rank")
+    try:
+        loader, sampler = create_train_loader(dataset, batch_size, cfg.num_workers, args.seed, collate_fn)
+    except ValueError as e:
+        raise ConfigError(f"{args.config}: {e}") from e
+    global_batch = batch_size * du.get_world_size()
+    if hasattr(model, "image_queue") and model.image_queue.shape[1] % global_batch:
+        raise ConfigError(f"{args.config}: queue_size {model.image_queue.shape[1]} is not a multiple of the global "
+                          f"batch size {global_batch} ({batch_size} per rank x {du.get_world_size()} ranks), as the "
+                          "original requires")
+    steps = len(loader)
+    print0(f"data: {len(dataset)} training samples, {steps} steps per epoch per rank, batch {batch_size} per rank, "
+           f"{global_batch} global")
     optimizer = create_optimizer(model, cfg.optimizer)
-    scheduler = create_scheduler(cfg.scheduler, optimizer, len(loader))
-    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device)
+    scheduler = create_scheduler(cfg.scheduler, optimizer, steps)
+    trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device, steps_per_epoch=steps,
+                      batch_size=batch_size, run_info={"seed": args.seed})
     resume = getattr(args, "resume", None)
-    existing = latest_checkpoint(args.output_dir)
+    prepare_output_dir(args.output_dir, resuming=bool(resume), overwrite=getattr(args, "overwrite", False))
     if resume:
-        path = existing if resume == "latest" else resume
+        path = resolve_resume_path(resume, args.output_dir)
         if path is None:
             print0(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
         else:
-            trainer.resume(path)
-    elif existing:
-        print0(f"warning: {args.output_dir} already holds {os.path.basename(existing)}; starting a new run that "
-               "overwrites it" + (" (pass --resume to continue it instead)" if hasattr(args, "resume") else ""))
+            trainer.resume(path, apply_changes=getattr(args, "resume_changes", "refuse") == "apply",
+                           rebuild_scheduler=lambda: create_scheduler(cfg.scheduler, optimizer, steps))
+    if resume and du.is_main_process():
+        from utils.config import save_config
+
+        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
     return trainer, loader, sampler
 
 
@@ -133,21 +152,33 @@ def setup_run(cls, args: argparse.Namespace):
     from utils.config import load_config, save_config
 
     cfg = load_config(cls, args.config, overrides_of(args))
-    info = du.init_distributed(args.device)
+    info = du.init_distributed(args.device, timeout_minutes=getattr(cfg, "dist_timeout_minutes", 30.0))
     set_seed(args.seed)  # the same on every rank: freshly initialised weights (e.g. task heads) agree across ranks
     os.makedirs(args.output_dir, exist_ok=True)
-    if du.is_main_process():
+    if du.is_main_process() and not getattr(args, "resume", None):  # a resume writes it once it is accepted
         save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
     # The tokenizer comes first: the model's vocabulary and special-token ids come from it.
     return cfg, info.device, load_tokenizer(cfg.tokenizer or cfg.text_encoder)
 
 
 def run_cli(main) -> None:
-    """Run a script's ``main()``; a config error prints one line naming the file and key and exits with 2."""
+    """Run a script's ``main()``. A config or resume error prints one line naming the file and key and exits with 2;
+    a stop signal (SIGTERM / SIGUSR1) exits with ``EXIT_PREEMPTED`` (75) once its checkpoint is written."""
     import sys
+
+    from engine.resume import ResumeError
+    from engine.trainer import EXIT_PREEMPTED, Preempted
+    from utils import distributed as du
 
     try:
         main()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ResumeError as e:
+        print(f"resume error: {e}", file=sys.stderr)
+        du.cleanup()
+        sys.exit(2)
+    except Preempted:
+        du.cleanup()
+        sys.exit(EXIT_PREEMPTED)

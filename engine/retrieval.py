@@ -50,10 +50,39 @@ def recall_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: Dict
 
 
 @torch.no_grad()
-def itc_retrieval(model, image_loader, dataset, tokenizer, device: torch.device, max_length: int = 30
-                  ) -> Dict[str, float]:
-    """Zero-shot retrieval ranked by ITC cosine similarity alone (no ITM re-rank)."""
-    image_feats, text_feats = extract_features(model, image_loader, dataset.text, tokenizer, device, max_length)
+def itc_retrieval(model, image_loader, dataset, tokenizer, device: torch.device, max_length: int = 30,
+                  text_batch: int = 256) -> Dict[str, float]:
+    """Zero-shot retrieval ranked by ITC cosine similarity alone (no ITM re-rank), sharded across ranks.
+
+    ``image_loader`` gives this rank's share of ``dataset``'s images (every batch carries the images' global
+    ``index``; pass a loader over the whole set in a single process); the texts are split the same way. The features
+    are merged exactly (disjoint rows summed over ranks) and every rank returns the metrics, so no rank waits in a
+    collective while another evaluates.
+    """
+    from utils import distributed as du
+
+    model.eval()
+    world, rank = du.get_world_size(), du.get_rank()
+    texts = dataset.text
+    mine = list(range(rank, len(texts), world))
+    text_feats = None
+    for i in range(0, len(mine), text_batch):
+        rows = mine[i:i + text_batch]
+        enc = tokenize(tokenizer, [texts[t] for t in rows], max_length, padding="max_length")
+        feat = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).feat.float()
+        if text_feats is None:
+            text_feats = torch.zeros(len(texts), feat.shape[1], device=device)
+        text_feats[torch.tensor(rows, device=device)] = feat
+    image_feats = None
+    for batch in image_loader:
+        feat = model.encode_image(batch["image"].to(device)).feat.float()
+        if image_feats is None:
+            image_feats = torch.zeros(len(dataset), feat.shape[1], device=device)
+        image_feats[batch["index"].to(device)] = feat
+    dim = model.cfg.embed_dim
+    text_feats = du.all_reduce_sum(text_feats if text_feats is not None else torch.zeros(len(texts), dim, device=device))
+    image_feats = du.all_reduce_sum(image_feats if image_feats is not None
+                                    else torch.zeros(len(dataset), dim, device=device))
     sim = (image_feats @ text_feats.T).float().cpu().numpy()
     return recall_metrics(sim, sim.T, dataset.txt2img, dataset.img2txt)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import CaptionCollator, create_loader, create_sampler
+from dataset import CaptionCollator
+from dataset.sampling import create_train_loader
 from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
 from dataset.text import pre_caption, pre_question
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
@@ -69,7 +70,7 @@ def test_missing_image_is_skipped_or_raises(tmp_path, caplog):
 def test_train_transform_is_torchvision_v2():
     tf = train_transform(32, AugmentConfig())
     names = [type(t).__name__ for t in tf.transforms]
-    assert names[:3] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment"]
+    assert names[:3] == ["RandomResizedCrop", "RandomHorizontalFlip", "ALBEFRandAugment"]
     rrc, ra = tf.transforms[0], tf.transforms[2]
     assert tuple(rrc.scale) == (0.2, 1.0) and ra.num_ops == 2 and ra.magnitude == 7
     out = tf(Image.new("RGB", (50, 40), (200, 30, 30)))
@@ -103,8 +104,7 @@ def test_loader_sampler_and_collate(tmp_path):
             n = len(texts)
             return {"input_ids": torch.tensor([[2, 7, 3]] * n), "attention_mask": torch.ones(n, 3, dtype=torch.long)}
 
-    sampler = create_sampler(ds, shuffle=True, seed=1, drop_last=True)
-    loader = create_loader(ds, sampler, batch_size=2, num_workers=0, train=True, collate_fn=CaptionCollator(Tok(), 25))
+    loader, sampler = create_train_loader(ds, batch_size=2, num_workers=0, seed=1, collate_fn=CaptionCollator(Tok(), 25))
     assert len(loader) == 2  # drop_last
     sampler.set_epoch(0)
     order0 = list(iter(sampler))
@@ -115,4 +115,38 @@ def test_loader_sampler_and_collate(tmp_path):
     batch = next(iter(loader))
     assert batch["image"].shape == (2, 3, 16, 16) and batch["input_ids"].tolist() == [[2, 7], [2, 7]]
     with pytest.raises(ValueError, match="fewer than one batch"):
-        create_loader(ds, sampler, batch_size=64, num_workers=0, train=True)
+        create_train_loader(ds, batch_size=64, num_workers=0, seed=1)
+
+
+class _RandomSamples(torch.utils.data.Dataset):
+    """Each sample is a draw from torch's and Python's global RNGs: what a random augmentation does."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        import random
+
+        return {"i": i, "t": torch.rand(()).item(), "p": random.random()}
+
+
+def _batches(loader):
+    return [(b["i"].tolist(), b["t"].tolist(), b["p"].tolist()) for b in loader]
+
+
+def test_resumable_order_and_per_sample_streams_do_not_depend_on_workers():
+    ds = _RandomSamples()
+    one, sampler = create_train_loader(ds, batch_size=4, num_workers=0, seed=3)
+    sampler.set_epoch(2)
+    state = torch.get_rng_state()
+    full = _batches(one)
+    assert torch.equal(state, torch.get_rng_state())  # loading never moves the model's RNG
+    two, sampler2 = create_train_loader(ds, batch_size=4, num_workers=2, seed=3)
+    sampler2.set_epoch(2)
+    assert _batches(two) == full  # same samples, same random draws, whichever worker made them
+    sampler.set_epoch(2)
+    sampler.set_start(8)  # a resume after 2 batches: the rest of the epoch, loaded without the first 8
+    assert _batches(one) == full[2:]
+    assert len(sampler) == 20 and _batches(one) == full  # the offset is for one epoch only
+    sampler.set_epoch(3)
+    assert _batches(one) != full

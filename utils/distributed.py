@@ -51,10 +51,11 @@ def _env_int(*names: str, default: int = -1) -> int:
     return default
 
 
-def init_distributed(device: str = "cuda") -> DistInfo:
+def init_distributed(device: str = "cuda", timeout_minutes: float = 30.0) -> DistInfo:
     """Initialise from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``/
     ``SLURM_LOCALID``; needs ``MASTER_ADDR``, defaults ``MASTER_PORT`` to 29500) environment variables, else run
-    as a single process. Picks NCCL on CUDA and gloo on CPU; sets the CUDA device to the local rank.
+    as a single process. Picks NCCL on CUDA and gloo on CPU; sets the CUDA device to the local rank. A collective
+    that waits longer than ``timeout_minutes`` (config key ``dist_timeout_minutes``) fails instead of hanging.
     """
     rank = _env_int("RANK", "SLURM_PROCID")
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
@@ -81,7 +82,7 @@ def init_distributed(device: str = "cuda") -> DistInfo:
     else:
         dev, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=30))
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     dist.barrier()
     return DistInfo(rank=rank, world_size=world, local_rank=local, distributed=True, device=dev)
 

@@ -1,0 +1,295 @@
+"""Crash-proof runs: kill -9 at random steps (and inside a checkpoint write) then --resume ends bitwise equal to an
+uninterrupted run, in one process and in two (gloo); SIGTERM / SIGUSR1 write a checkpoint and exit 75; resumes that
+would silently change the run are refused; the divergence guard; the first-step gradient check.
+
+Bitwise equality on the CPU needs one thread (``OMP_NUM_THREADS=1``): two threads differ by ~1e-5 even between two
+uninterrupted runs.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import Pretrain
+from engine import checkpoint as ckpt
+from engine.resume import ResumeError, config_changes
+from engine.trainer import EXIT_PREEMPTED, Trainer, TrainOptions
+from optim import OptimizerConfig, create_optimizer
+from scheduler import SchedulerConfig, create_scheduler
+from tests.conftest import ROOT, write_tiny_config
+from tests.test_distributed import _free_port
+
+EVERY = 3  # checkpoint_every_steps in these runs: at most EVERY steps may be lost
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _config(path, world, **extra):
+    return write_tiny_config(path, world, checkpoint_every_steps=EVERY, test_file=None, print_freq=1, **extra)
+
+
+def _in_process(config, out, *extra):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Pretrain.main(["--config", config, "--output_dir", str(out), "--device", "cpu", *extra])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _die(config, out, step, *extra, in_save=False, nproc=1):
+    """Run Pretrain.py that kills itself (every rank) with SIGKILL after global step ``step``."""
+    driver = [os.path.join("tests", "scripts", "die_at.py"), "--step", str(step)] + (["--in-save"] if in_save else [])
+    script = ["--", "Pretrain.py", "--config", config, "--output_dir", str(out), "--device", "cpu", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, *driver, *script]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", *driver, *script]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0, "the process was meant to die: " + res.stdout[-2000:]
+    return res
+
+
+def _run(config, out, *extra, nproc=1):
+    cmd = ["Pretrain.py", "--config", config, "--output_dir", str(out), "--device", "cpu", *extra]
+    if nproc > 1:
+        cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", *cmd]
+    res = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _step_of(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+
+
+def _assert_same_weights(a_path, b_path):
+    a = torch.load(a_path, map_location="cpu", weights_only=True)
+    b = torch.load(b_path, map_location="cpu", weights_only=True)
+    assert a["step"] == b["step"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _losses(out):
+    return [{k: v for k, v in json.loads(line).items() if k.startswith("train_loss")}
+            for line in (out / "log.txt").read_text().splitlines() if '"epoch"' in line]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_world):
+    """An uninterrupted 2-epoch run (8 steps per epoch, checkpoint_last.pth every 3 steps), one thread."""
+    d = tmp_path_factory.mktemp("ref")
+    config = _config(d / "tiny.yaml", tiny_world)
+    _in_process(config, d / "out")
+    return config, d / "out"
+
+
+@pytest.mark.slow
+def test_kill9_mid_epoch_and_in_checkpoint_write_then_resume_is_bitwise_equal(reference, tmp_path):
+    config, ref = reference
+    out = tmp_path / "out"
+    lost = []
+    # kill at step 5 (epoch 0), at step 11 after resuming mid-epoch 0 (epoch 1), then inside the write of the
+    # checkpoint after step 13 (half a file on disk), then run to the end
+    for step, extra in ((5, ()), (11, ("--resume",)), (13, ("--resume",))):
+        _die(config, out, step, *extra, in_save=step == 13)
+        latest = ckpt.latest_checkpoint(str(out))
+        assert latest is not None
+        lost.append(step - _step_of(latest))
+    assert lost[0] <= EVERY and lost[1] <= EVERY  # at most checkpoint_every_steps of work lost to a kill -9
+    assert os.path.exists(out / "checkpoint_last.pth.tmp")  # the torn write never replaced the good checkpoint
+    assert _step_of(out / "checkpoint_last.pth") == 12
+    _in_process(config, out, "--resume")
+    _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")
+    assert _losses(out) == _losses(ref)  # epoch means restored exactly across mid-epoch resumes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_writes_checkpoint_exits_75_and_resumes_exactly(reference, tmp_path, sig):
+    config, ref = reference
+    out = tmp_path / "out"
+    cmd = [sys.executable, "Pretrain.py", "--config", config, "--output_dir", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Train Epoch: [0] [4/8]" in line:
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + rest
+    assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
+    assert "stop signal: checkpoint written" in log
+    state = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0 and 4 <= state["position"]["step_in_epoch"] < 8
+    _in_process(config, out, "--resume")
+    _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")
+
+
+@pytest.mark.slow
+def test_kill9_and_resume_under_two_processes_is_bitwise_equal(tmp_path, tiny_world):
+    config = _config(tmp_path / "tiny.yaml", tiny_world, batch_size=4)  # 2 ranks x 4: 8 steps per epoch
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _run(config, ref, nproc=2)
+    _die(config, out, 5, nproc=2)
+    assert 5 - _step_of(ckpt.latest_checkpoint(str(out))) <= EVERY
+    _die(config, out, 10, "--resume", in_save=True, nproc=2)  # resumed from step 3, torn write at step 12
+    assert _step_of(ckpt.latest_checkpoint(str(out))) == 9
+    res = _run(config, out, "--resume", nproc=2)
+    assert "resumed from" in res.stdout and "world size 2" in res.stdout
+    _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")
+    state = torch.load(out / "checkpoint_01.pth", map_location="cpu", weights_only=True)
+    assert len(state["rng_state"]) == 2 and torch.equal(*state["param_checksums"])
+
+
+# ----------------------------------------------------------------------------------------- resume that never lies
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory, tiny_world):
+    d = tmp_path_factory.mktemp("one")
+    config = write_tiny_config(d / "tiny.yaml", tiny_world, test_file=None)
+    _in_process(config, d / "out", "--exit_after_epochs", "1")
+    return config, d / "out"
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resume_with_changed_settings_is_refused_with_the_list(one_epoch, tmp_path):
+    config, src = one_epoch
+    out = _copy_run(src, tmp_path / "out")
+    with pytest.raises(ResumeError) as e:
+        _in_process(config, out, "--resume", "--options", "optimizer.lr=2e-4", "batch_size=4")
+    msg = str(e.value)
+    assert "optimizer.lr: 0.0003 -> 0.0002" in msg and "batch_size: 8 -> 4" in msg and "--resume_changes apply" in msg
+    with pytest.raises(ResumeError, match="run.seed: 42 -> 7"):
+        _in_process(config, out, "--resume", "--seed", "7")
+    # harmless keys may change freely
+    _in_process(config, out, "--resume", "--options", "print_freq=2", "num_workers=0", "--exit_after_epochs", "0")
+
+
+def test_resume_changes_apply_takes_effect(one_epoch, tmp_path):
+    config, src = one_epoch
+    out = _copy_run(src, tmp_path / "out")
+    _in_process(config, out, "--resume", "--resume_changes", "apply", "--options", "optimizer.lr=1e-3",
+                "schedular.epochs=3", "schedular.min_lr=1e-3", "batch_size=4")
+    state = torch.load(out / "checkpoint_02.pth", map_location="cpu", weights_only=True)
+    assert state["config"]["optimizer"]["lr"] == 1e-3 and state["config"]["batch_size"] == 4
+    # the schedule was rebuilt for the new values: cosine from 1e-3 to min_lr 1e-3 is flat at 1e-3
+    lines = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
+    assert lines[-1]["epoch"] == 2 and lines[-1]["train_lr"] == pytest.approx(1e-3)
+    assert any("resume_changes" in x for x in lines)
+    assert state["step"] == 3 * 16  # re-based on the new geometry (3 epochs of 16 steps), where the schedule is
+
+
+def test_new_run_refuses_a_used_folder_unless_overwrite(one_epoch, tmp_path):
+    config, src = one_epoch
+    out = _copy_run(src, tmp_path / "out")
+    with pytest.raises(ResumeError, match="already holds another run's checkpoints"):
+        _in_process(config, out)
+    _in_process(config, out, "--overwrite", "--options", "schedular.epochs=1")
+    lines = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0]  # the old run's log is gone, not mixed in
+
+
+def test_resume_path_unreadable_names_host_and_path(tmp_path):
+    from engine.resume import resolve_resume_path
+
+    missing = str(tmp_path / "nowhere" / "checkpoint_03.pth")
+    with pytest.raises(ResumeError, match="on host .*nowhere/checkpoint_03.pth|nowhere/checkpoint_03.pth.*host"):
+        resolve_resume_path(missing, str(tmp_path))
+
+
+def test_queue_must_be_a_multiple_of_the_global_batch(tmp_path, tiny_world):
+    from utils.config import ConfigError
+
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, batch_size=6, test_file=None)
+    with pytest.raises(ConfigError, match="queue_size 64 is not a multiple of the global batch size 6"):
+        _in_process(config, tmp_path / "out")
+
+
+def test_config_changes_ignores_bookkeeping_keys():
+    old = {"optimizer": {"lr": 1e-4}, "print_freq": 50, "num_workers": 4, "batch_size": 64, "test_file": "a"}
+    new = {"optimizer": {"lr": 1e-4}, "print_freq": 10, "num_workers": 8, "batch_size": 32, "test_file": "b"}
+    assert config_changes(old, new) == [("batch_size", 64, 32)]
+
+
+# ----------------------------------------------------------------------------------------------- divergence guard
+class _Toy(nn.Module):
+    def __init__(self, unused=False):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        if unused:
+            self.spare = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return {"loss": self.lin(x).pow(2).mean()}
+
+
+def _toy_trainer(tmp_path, model, **opts):
+    opt = create_optimizer(model, OptimizerConfig(lr=0.1))
+    sched = create_scheduler(SchedulerConfig(epochs=1, warmup_epochs=0, min_lr=0.1, warmup_lr=0.1), opt, 6)
+    return Trainer(model, opt, sched, TrainOptions(num_workers=0, print_freq=100, **opts), str(tmp_path), {},
+                   torch.device("cpu"), steps_per_epoch=6, batch_size=2)
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    model = _Toy()
+    trainer = _toy_trainer(tmp_path, model, max_bad_steps=3)
+    x = torch.ones(2, 4)
+    batches = [{"image": x}, {"image": x * float("nan")}, {"image": x}, {"image": x * float("inf")},
+               {"image": x * float("nan")}, {"image": x}]
+    weights = []
+
+    def step(module, batch, ctx):
+        weights.append(module.lin.weight.detach().clone())
+        return module(batch["image"])
+
+    stats = trainer.train_epoch(batches, 0, step, lambda b: 2)
+    assert stats["train_bad_steps"] == 3 and trainer.consecutive_bad == 0
+    assert torch.equal(weights[1], weights[2]) and torch.equal(weights[3], weights[5])  # no update on a bad step
+    assert not torch.equal(weights[0], weights[1])  # good steps do update
+    assert torch.isfinite(torch.tensor(stats["train_loss"]))  # skipped steps stay out of the epoch mean
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .*epoch 0 step 2 .*loss=nan"):
+        trainer.train_epoch([{"image": x * float("nan")}] * 6, 0, step, lambda b: 2)
+    assert not list(tmp_path.glob("checkpoint_*"))
+
+
+def test_no_checkpoint_with_non_finite_weights(tmp_path):
+    model = _Toy()
+    trainer = _toy_trainer(tmp_path, model)
+    with torch.no_grad():
+        model.lin.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="refusing to write a checkpoint .*lin.weight"):
+        trainer.save(0)
+    assert not list(tmp_path.glob("checkpoint_*"))
+
+
+def test_exploding_learning_rate_stops_with_the_engine_message(tmp_path, tiny_world):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None, max_bad_steps=3,
+                               checkpoint_every_steps=1)
+    with pytest.raises(FloatingPointError, match="training diverged: 3 consecutive steps"):
+        _in_process(config, tmp_path / "out", "--options", "optimizer.lr=1e30", "schedular.warmup_lr=1e30")
+    for path in tmp_path.glob("out/checkpoint_*.pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_first_step_names_parameters_without_gradient(tmp_path):
+    trainer = _toy_trainer(tmp_path, _Toy(unused=True))
+    with pytest.raises(RuntimeError, match=r"received no gradient in the first step: \['spare'\]"):
+        trainer.train_epoch([{"image": torch.ones(2, 4)}], 0, lambda m, b, c: m(b["image"]), lambda b: 2)
