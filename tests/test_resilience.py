@@ -137,11 +137,19 @@ def test_stop_signal_writes_checkpoint_exits_75_and_resumes_exactly(reference, t
     _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")
 
 
+@pytest.fixture(scope="module")
+def reference2(tmp_path_factory, tiny_world):
+    """The uninterrupted run under 2 gloo processes (2 ranks x batch 4: 8 steps per epoch)."""
+    d = tmp_path_factory.mktemp("ref2")
+    config = _config(d / "tiny.yaml", tiny_world, batch_size=4)
+    _run(config, d / "out", nproc=2)
+    return config, d / "out"
+
+
 @pytest.mark.slow
-def test_kill9_and_resume_under_two_processes_is_bitwise_equal(tmp_path, tiny_world):
-    config = _config(tmp_path / "tiny.yaml", tiny_world, batch_size=4)  # 2 ranks x 4: 8 steps per epoch
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    _run(config, ref, nproc=2)
+def test_kill9_and_resume_under_two_processes_is_bitwise_equal(reference2, tmp_path):
+    config, ref = reference2
+    out = tmp_path / "out"
     _die(config, out, 5, nproc=2)
     assert 5 - _step_of(ckpt.latest_checkpoint(str(out))) <= EVERY
     _die(config, out, 10, "--resume", in_save=True, nproc=2)  # resumed from step 3, torn write at step 12
@@ -151,6 +159,29 @@ def test_kill9_and_resume_under_two_processes_is_bitwise_equal(tmp_path, tiny_wo
     _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")
     state = torch.load(out / "checkpoint_01.pth", map_location="cpu", weights_only=True)
     assert len(state["rng_state"]) == 2 and torch.equal(*state["param_checksums"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_every_rank_and_resumes_exactly(reference2, tmp_path):
+    config, ref = reference2
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "Pretrain.py", "--config", config, "--output_dir", str(out), "--device",
+           "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Train Epoch: [0] [3/8]" in line:
+            proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+            break
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + rest
+    assert "stop signal: checkpoint written" in log, log[-3000:]
+    state = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)
+    assert 3 <= state["position"]["step_in_epoch"] < 8 and len(state["rng_state"]) == 2
+    _run(config, out, "--resume", nproc=2)
+    _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")
 
 
 # ----------------------------------------------------------------------------------------- resume that never lies
@@ -240,16 +271,17 @@ class _Toy(nn.Module):
         return {"loss": self.lin(x).pow(2).mean()}
 
 
-def _toy_trainer(tmp_path, model, **opts):
-    opt = create_optimizer(model, OptimizerConfig(lr=0.1))
+def _toy_trainer(tmp_path, model, fused=None, **opts):
+    opt = create_optimizer(model, OptimizerConfig(lr=0.1, fused=fused))
     sched = create_scheduler(SchedulerConfig(epochs=1, warmup_epochs=0, min_lr=0.1, warmup_lr=0.1), opt, 6)
     return Trainer(model, opt, sched, TrainOptions(num_workers=0, print_freq=100, **opts), str(tmp_path), {},
                    torch.device("cpu"), steps_per_epoch=6, batch_size=2)
 
 
-def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])  # fused: the skip goes to the kernel as found_inf, no host sync
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, fused):
     model = _Toy()
-    trainer = _toy_trainer(tmp_path, model, max_bad_steps=3)
+    trainer = _toy_trainer(tmp_path, model, fused=fused, max_bad_steps=3)
     x = torch.ones(2, 4)
     batches = [{"image": x}, {"image": x * float("nan")}, {"image": x}, {"image": x * float("inf")},
                {"image": x * float("nan")}, {"image": x}]
