@@ -325,3 +325,23 @@ def test_first_step_names_parameters_without_gradient(tmp_path):
     trainer = _toy_trainer(tmp_path, _Toy(unused=True))
     with pytest.raises(RuntimeError, match=r"received no gradient in the first step: \['spare'\]"):
         trainer.train_epoch([{"image": torch.ones(2, 4)}], 0, lambda m, b, c: m(b["image"]), lambda b: 2)
+
+
+def test_skipped_images_are_totalled_in_log_and_progress(tmp_path, tiny_world, capsys):
+    """A truncated JPEG with on_bad_image: skip is replaced, counted once per epoch on all ranks and named."""
+    records = json.loads((tiny_world / "pretrain.json").read_text())
+    good = tiny_world / records[5]["image"]
+    torn = tmp_path / "torn.jpg"
+    data = good.read_bytes()
+    torn.write_bytes(data[: len(data) * 6 // 10])
+    records = [dict(r, image=str(tiny_world / r["image"])) for r in records]
+    records[5]["image"] = str(torn)
+    (tmp_path / "pre.json").write_text(json.dumps(records))
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None, print_freq=1,
+                               train_file=[str(tmp_path / "pre.json")])
+    _in_process(config, tmp_path / "out")
+    lines = [json.loads(x) for x in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert [x["train_bad_images"] for x in lines] == [1, 1]  # each record is drawn once per epoch
+    assert lines[0]["train_bad_image_paths"] == [str(torn)]
+    out = capsys.readouterr().out
+    assert "bad images: 1 (this rank)" in out and "skipped 1 unreadable image(s) on all ranks" in out
