@@ -21,26 +21,26 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m dataset.synthetic --out $(DATA)
-	$(PY) Pretrain.py --config configs/Pretrain_tiny.yaml --output_dir $(OUT) --device cpu
+	$(PY) Pretrain.py --config configs/Pretrain_tiny.yaml --output_dir $(OUT) --device cpu --overwrite
 
 # after `make demo`: zero-shot evaluation with ITM re-rank, then retrieval fine-tuning, of the demo model
 retrieval-demo: install
 	$(PY) Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir $(OUT)_retrieval_zeroshot \
 		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --evaluate
 	$(PY) Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir $(OUT)_retrieval \
-		--checkpoint $(OUT)/checkpoint_13.pth --device cpu
+		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --overwrite
 
 # after `make demo`: SNLI-VE, NLVR2 (text assignment, then fine-tuning) and VQA on the synthetic world's tasks
 tasks-demo: install
 	$(PY) -m dataset.synthetic_tasks --world $(DATA)
 	$(PY) VE.py --config configs/VE_tiny.yaml --output_dir $(OUT)_ve --checkpoint $(OUT)/checkpoint_13.pth \
-		--device cpu
+		--device cpu --overwrite
 	$(PY) Pretrain_nlvr.py --config configs/NLVR_pretrain_tiny.yaml --output_dir $(OUT)_nlvr_ta \
-		--checkpoint $(OUT)/checkpoint_13.pth --device cpu
+		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --overwrite
 	$(PY) NLVR.py --config configs/NLVR_tiny.yaml --output_dir $(OUT)_nlvr --checkpoint $(OUT)_nlvr_ta/checkpoint_00.pth \
-		--device cpu
+		--device cpu --overwrite
 	$(PY) VQA.py --config configs/VQA_tiny.yaml --output_dir $(OUT)_vqa --checkpoint $(OUT)/checkpoint_13.pth \
-		--device cpu
+		--device cpu --overwrite
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
