@@ -388,6 +388,8 @@ class Trainer:
             finite = finite * torch.isfinite(norm).float()
         save_due = (self.opts.checkpoint_every_minutes is not None and du.is_main_process()
                     and time.time() - self._last_save_time >= 60 * self.opts.checkpoint_every_minutes)
+        if save_due:
+            self._last_save_time = time.time()  # requested once; on CUDA the request is read a step later
         host = torch.tensor([float(self._stop_signal != 0), float(save_due)],
                             pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
         flags = torch.cat([(1.0 - finite).view(1), host])

@@ -345,3 +345,11 @@ def test_skipped_images_are_totalled_in_log_and_progress(tmp_path, tiny_world, c
     assert lines[0]["train_bad_image_paths"] == [str(torn)]
     out = capsys.readouterr().out
     assert "bad images: 1 (this rank)" in out and "skipped 1 unreadable image(s) on all ranks" in out
+
+
+def test_checkpoint_every_minutes_writes_checkpoint_last(tmp_path, tiny_world, capsys):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None, checkpoint_every_minutes=1e-9)
+    _in_process(config, tmp_path / "out", "--options", "schedular.epochs=1")
+    state = torch.load(tmp_path / "out" / "checkpoint_last.pth", map_location="cpu", weights_only=True)
+    assert state["position"]["step_in_epoch"] == 7  # the last one inside the epoch (step 8 ends it)
+    assert capsys.readouterr().out.count("saved ") == 7 + 1
