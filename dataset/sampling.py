@@ -95,7 +95,8 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 
 
 def create_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
-                        collate_fn: Optional[Callable] = None) -> Tuple[DataLoader, ResumableSampler]:
+                        collate_fn: Optional[Callable] = None, persistent_workers: bool = True,
+                        prefetch_factor: int = 2) -> Tuple[DataLoader, ResumableSampler]:
     """The training loader every script uses: this rank's share of an epoch-seeded order, whole batches only, every
     sample under its own random stream; the loader never draws from the global RNG. Returns ``(loader, sampler)``;
     call ``sampler.set_epoch`` every epoch (the engine does)."""
@@ -106,5 +107,8 @@ def create_train_loader(dataset: Dataset, batch_size: int, num_workers: int, see
     loader = DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(seed),
-                        worker_init_fn=ignore_stop_signals if num_workers else None)
+                        worker_init_fn=ignore_stop_signals if num_workers else None,
+                        # safe with exact resume: augmentation draws depend on (seed, epoch, index), not on workers
+                        persistent_workers=persistent_workers and num_workers > 0,
+                        prefetch_factor=prefetch_factor if num_workers else None)
     return loader, sampler

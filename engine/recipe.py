@@ -102,7 +102,8 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
     from utils.config import to_dict
 
     try:
-        loader, sampler = create_train_loader(dataset, batch_size, cfg.num_workers, args.seed, collate_fn)
+        loader, sampler = create_train_loader(dataset, batch_size, cfg.num_workers, args.seed, collate_fn,
+                                              cfg.persistent_workers, cfg.prefetch_factor)
     except ValueError as e:
         raise ConfigError(f"{args.config}: {e}") from e
     global_batch = batch_size * du.get_world_size()
@@ -110,9 +111,13 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
         raise ConfigError(f"{args.config}: queue_size {model.image_queue.shape[1]} is not a multiple of the global "
                           f"batch size {global_batch} ({batch_size} per rank x {du.get_world_size()} ranks), as the "
                           "original requires")
-    steps = len(loader)
-    print0(f"data: {len(dataset)} training samples, {steps} steps per epoch per rank, batch {batch_size} per rank, "
-           f"{global_batch} global")
+    steps = len(loader) // cfg.accum_steps
+    if steps < 1:
+        raise ConfigError(f"{args.config}: accum_steps {cfg.accum_steps} is more than the {len(loader)} batches per "
+                          "epoch per rank")
+    print0(f"data: {len(dataset)} training samples, {steps} steps per epoch per rank, batch {batch_size} per rank"
+           + (f" x {cfg.accum_steps} micro-batches" if cfg.accum_steps > 1 else "")
+           + f", {global_batch * cfg.accum_steps} per optimizer step")
     optimizer = create_optimizer(model, cfg.optimizer)
     scheduler = create_scheduler(cfg.scheduler, optimizer, steps)
     trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device, steps_per_epoch=steps,

@@ -59,12 +59,15 @@ class TrainOptions:
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping (the original)
     num_workers: int = 4
     print_freq: int = 50  # iterations between progress lines
-    compile: bool = False  # torch.compile the model before wrapping it in DDP
+    compile: bool = False  # torch.compile every transformer block (regional compilation) before DDP
     keep_checkpoints: Optional[int] = None  # keep only the newest N checkpoint_XX.pth; None = keep all
     checkpoint_every_steps: Optional[int] = None  # write checkpoint_last.pth every N optimizer steps inside epochs
     checkpoint_every_minutes: Optional[float] = None  # ... and/or every M minutes (rank 0's clock decides)
     max_bad_steps: int = 10  # consecutive skipped (non-finite) steps that stop the run
     dist_timeout_minutes: float = 30.0  # process-group timeout: a rank blocked in a collective longer fails
+    accum_steps: int = 1  # micro-batches (of batch_size each) per optimizer step
+    persistent_workers: bool = True  # keep loader workers alive across epochs (no re-spawn cost per epoch)
+    prefetch_factor: int = 2  # batches each loader worker prepares ahead
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -85,6 +88,10 @@ class TrainOptions:
             raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if not self.dist_timeout_minutes > 0:
             raise ValueError(f"dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
 
 
 @dataclass
@@ -179,6 +186,38 @@ class _HostMirror:
         return out
 
 
+def compile_regions(model: nn.Module) -> int:
+    """Regional compilation: ``torch.compile`` each transformer block in place (ViT blocks and BERT layers, the
+    momentum copies included). Identical blocks share one compiled graph, so compile time is that of a block, not of
+    the model; the glue between blocks (losses, sampling, queues) stays eager, and state-dict keys do not change.
+    Returns the number of blocks compiled."""
+    from timm.models.vision_transformer import Block
+
+    from models.bert import BertLayer
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (Block, BertLayer)):
+            m.compile()
+            n += 1
+    return n
+
+
+def _optimizer_steps(loader, accum: int, start: int, steps: int):
+    """``(step index, [accum micro-batches], seconds waited for them)`` for each optimizer step of an epoch; an
+    incomplete last group is dropped."""
+    it = iter(loader)
+    for i in range(start, steps):
+        t0 = time.perf_counter()
+        group = []
+        for _ in range(accum):
+            try:
+                group.append(next(it))
+            except StopIteration:
+                return
+        yield i, group, time.perf_counter() - t0
+
+
 class Trainer:
     """Runs ``epochs`` epochs of ``train_step`` over a loader, with checkpoints and resumption.
 
@@ -224,7 +263,9 @@ class Trainer:
             torch.manual_seed(torch.initial_seed() + rank)
             random.seed(torch.initial_seed())
             np.random.seed(torch.initial_seed() % 2**32)
-        module = torch.compile(self.model) if opts.compile else self.model
+        if opts.compile:
+            print0(f"compile: {compile_regions(self.model)} transformer blocks compiled (regional compilation)")
+        module = self.model
         if du.get_world_size() > 1:
             module = du.wrap_ddp(module, device)
         self.train_module = module
@@ -312,14 +353,16 @@ class Trainer:
             self.start_epoch, self.start_step = epoch + 1, 0
         else:
             self.start_epoch = epoch
+            old_accum = position.get("accum_steps", 1)
             same = (position["batch_size"] == self.batch_size and position["world_size"] == du.get_world_size()
-                    and position["steps_per_epoch"] == self.steps_per_epoch)
+                    and position["steps_per_epoch"] == self.steps_per_epoch and old_accum == self.opts.accum_steps)
             if same:
                 self.start_step = position["step_in_epoch"]
                 self._epoch_resume = position
             else:
-                done = position["step_in_epoch"] * position["batch_size"] * position["world_size"]
-                self.start_step = min(done // (self.batch_size * du.get_world_size()), self.steps_per_epoch - 1)
+                done = position["step_in_epoch"] * position["batch_size"] * position["world_size"] * old_accum
+                per_step = self.batch_size * du.get_world_size() * self.opts.accum_steps
+                self.start_step = min(done // per_step, self.steps_per_epoch - 1)
                 print0(f"note: batch or world size changed: continuing epoch {epoch} at step {self.start_step} of "
                        f"{self.steps_per_epoch} (sample {done} of the epoch, rounded down to a whole step)")
         if changes:
@@ -366,14 +409,29 @@ class Trainer:
                 "(requires_grad_(False)) or use them; under DDP they make the second step fail.")
         self._grads_checked = True
 
-    def _step(self, batch, ctx: StepContext, train_step):
-        """One optimizer step, skipped (no update) when the loss or the gradient norm is not finite on any rank.
-        Returns ``(losses, flags)`` with ``flags`` = [bad, stop requested, save requested] agreed by every rank."""
-        with autocast_context(self.opts.precision, self.device):
-            losses = train_step(self.train_module, batch, ctx)
-        loss = sum(v for k, v in losses.items() if k.startswith("loss"))
+    def _step(self, batches: List[Any], ctx: StepContext, train_step):
+        """One optimizer step over ``batches`` (``accum_steps`` micro-batches: their gradients are summed, the loss of
+        each divided by their number; DDP all-reduces only after the last), skipped (no update) when the loss or the
+        gradient norm is not finite on any rank. Returns ``(losses, flags)``: the micro-batches' mean losses and
+        ``flags`` = [bad, stop requested, save requested] agreed by every rank."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        k = len(batches)
+        losses: Dict[str, torch.Tensor] = {}
+        loss_total = None
+        for j, batch in enumerate(batches):
+            defer_sync = j + 1 < k and hasattr(self.train_module, "no_sync")
+            with self.train_module.no_sync() if defer_sync else contextlib.nullcontext():
+                with autocast_context(self.opts.precision, self.device):
+                    out = train_step(self.train_module, batch, ctx)
+                loss = sum(v for name, v in out.items() if name.startswith("loss"))
+                self.scaler.scale(loss if k == 1 else loss / k).backward()
+            if k == 1:
+                losses, loss_total = out, loss
+            else:
+                for name, v in out.items():
+                    losses[name] = losses.get(name, 0) + v.detach() / k
+                loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
+        loss = loss_total
         if not self._grads_checked:
             self._check_grads()
         fp16 = self.scaler.is_enabled()
@@ -414,7 +472,8 @@ class Trainer:
     def _position(self, epoch: int, step_in_epoch: int, names, sums, n_good, bad_images, bad_paths
                   ) -> Dict[str, Any]:
         return {"step_in_epoch": step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
-                "batch_size": self.batch_size, "world_size": du.get_world_size(), "names": list(names),
+                "batch_size": self.batch_size, "accum_steps": self.opts.accum_steps,
+                "world_size": du.get_world_size(), "names": list(names),
                 "sums": None if sums is None else sums.detach().cpu(), "n_good": float(n_good),
                 "bad_images": int(bad_images), "bad_paths": list(bad_paths)}
 
@@ -454,13 +513,17 @@ class Trainer:
                     counts["good"] += 1
                     counts["good_window"] += 1
 
-        for i, batch in enumerate(loader, start=start_step):
-            if isinstance(batch, dict) and batch.get("bad_images"):
-                bad_images += len(batch["bad_images"])
-                bad_paths = (bad_paths + list(batch["bad_images"]))[:5]
-            batch = move_to(batch, self.device)
+        wait_total = wait_window = 0.0
+        for i, group, wait in _optimizer_steps(loader, self.opts.accum_steps, start_step, steps):
+            wait_total += wait
+            wait_window += wait
+            for batch in group:
+                if isinstance(batch, dict) and batch.get("bad_images"):
+                    bad_images += len(batch["bad_images"])
+                    bad_paths = (bad_paths + list(batch["bad_images"]))[:5]
+            group = [move_to(batch, self.device) for batch in group]
             ctx = StepContext(epoch, i, steps, self.global_step)
-            losses, flags = self._step(batch, ctx, train_step)
+            losses, flags = self._step(group, ctx, train_step)
             values = torch.stack([v.detach().float() for v in losses.values()])
             if sums is None:
                 names = list(losses)
@@ -470,7 +533,7 @@ class Trainer:
             sums += kept
             window += kept
             n_window += 1
-            samples_window += batch_size_of(batch)
+            samples_window += sum(batch_size_of(batch) for batch in group)
             mirror.push(torch.cat([flags, values]), (i, self.global_step))
             drain(flush=False)
             last_step = i + 1 == steps
@@ -500,7 +563,9 @@ class Trainer:
                 eta = (time.time() - t_epoch) / (i + 1 - start_step) * (steps - i - 1)
                 parts = [f"{header} [{i + 1}/{steps}]", f"eta: {datetime.timedelta(seconds=int(eta))}"]
                 parts += [f"{k}: {v:.4f}" for k, v in zip(names, avg)]
-                parts += [f"lr: {lr:.3e}", f"samples/s: {rate:.1f}", f"s/it: {elapsed / n_window:.3f}"]
+                wait_pct = 100.0 * wait_window / max(elapsed, 1e-9)
+                parts += [f"lr: {lr:.3e}", f"samples/s: {rate:.1f}", f"s/it: {elapsed / n_window:.3f}",
+                          f"data: {wait_window / n_window:.3f} s/it ({wait_pct:.0f}%)"]
                 if self.bad_steps:
                     parts.append(f"skipped steps: {self.bad_steps}")
                 if bad_images:
@@ -509,18 +574,21 @@ class Trainer:
                     parts.append(f"max mem: {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MB")
                 print0("  ".join(parts))
                 self.log.scalars(dict(zip(names, avg)), self.global_step, "train/")
-                self.log.scalars({"lr": lr, "samples_per_s": rate, "bad_steps": self.bad_steps},
+                self.log.scalars({"lr": lr, "samples_per_s": rate, "bad_steps": self.bad_steps,
+                                  "data_wait_s": wait_window / n_window, "data_wait_pct": wait_pct},
                                  self.global_step, "train/")
                 window.zero_()
-                n_window, samples_window, t_window = 0, 0, time.time()
+                n_window, samples_window, t_window, wait_window = 0, 0, time.time(), 0.0
                 counts["good_window"] = 0.0
         if sums is None:
             raise RuntimeError("the training loader produced no batch (data set smaller than one batch?)")
-        totals = du.all_reduce_sum(torch.cat([sums, torch.tensor([float(counts["good"]), float(bad_images)],
-                                                                 device=sums.device)]))
-        means = (totals[:-2] / totals[-2].clamp(min=1)).tolist()
-        total_bad_images = int(totals[-1])
         total_time = time.time() - t_epoch
+        extra = torch.tensor([float(counts["good"]), float(bad_images), 100.0 * wait_total / max(total_time, 1e-9)],
+                             device=sums.device)
+        totals = du.all_reduce_sum(torch.cat([sums, extra]))
+        means = (totals[:-3] / totals[-3].clamp(min=1)).tolist()
+        total_bad_images = int(totals[-2])
+        wait_pct = float(totals[-1]) / du.get_world_size()
         print0(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
                f"({total_time / max(steps - start_step, 1):.4f} s / it)")
         paths = [p for ps in du.all_gather_object(bad_paths) for p in ps]
@@ -530,6 +598,7 @@ class Trainer:
         stats["train_lr"] = self.optimizer.param_groups[0]["lr"]
         stats["train_bad_images"] = total_bad_images
         stats["train_bad_steps"] = self.bad_steps
+        stats["train_data_wait_pct"] = wait_pct  # share of this epoch's wall time spent waiting for batches
         if paths:
             stats["train_bad_image_paths"] = paths[:5]
         return stats
@@ -572,7 +641,7 @@ class Trainer:
                 if sampler is not None and hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(epoch)
                 if start_step and sampler is not None:
-                    sampler.set_start(start_step * self.batch_size)
+                    sampler.set_start(start_step * self.batch_size * self.opts.accum_steps)
                 stats = self.train_epoch(loader, epoch, train_step, batch_size_of, start_step)
                 # Evaluate before saving, so the saved RNG state is exactly the one the next epoch starts from.
                 extra = after_epoch(epoch) if after_epoch is not None else {}

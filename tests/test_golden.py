@@ -53,7 +53,7 @@ def _golden_run():
 
         def step(module, batch, ctx):
             out = module(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=0.4)
-            losses.append({k: float(v) for k, v in out.items()})
+            losses.append({k: float(v.detach()) for k, v in out.items()})
             return out
 
         torch.manual_seed(2)

@@ -353,3 +353,34 @@ def test_checkpoint_every_minutes_writes_checkpoint_last(tmp_path, tiny_world, c
     state = torch.load(tmp_path / "out" / "checkpoint_last.pth", map_location="cpu", weights_only=True)
     assert state["position"]["step_in_epoch"] == 7  # the last one inside the epoch (step 8 ends it)
     assert capsys.readouterr().out.count("saved ") == 7 + 1
+
+
+# ----------------------------------------------------------------------------------- accumulation and data wait
+def test_gradient_accumulation_sums_micro_batch_gradients(tmp_path):
+    """For a loss that is a mean over samples, 2 micro-batches of 4 give the step of one batch of 8."""
+    torch.manual_seed(0)
+    a, b = _Toy(), _Toy()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 4)
+    one = _toy_trainer(tmp_path / "a", a)
+    two = _toy_trainer(tmp_path / "b", b, accum_steps=2)
+    two.steps_per_epoch = 1
+    one.steps_per_epoch = 1
+    step = lambda m, batch, c: m(batch["image"])  # noqa: E731
+    one.train_epoch([{"image": x}], 0, step, lambda batch: 8)
+    stats = two.train_epoch([{"image": x[:4]}, {"image": x[4:]}], 0, step, lambda batch: 4)
+    torch.testing.assert_close(a.lin.weight, b.lin.weight, rtol=1e-6, atol=1e-7)
+    assert two.global_step == 1 and "train_data_wait_pct" in stats
+
+
+def test_accumulation_and_data_wait_in_a_pretraining_run(tmp_path, tiny_world, capsys):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None, print_freq=2, batch_size=4,
+                               accum_steps=2)
+    _in_process(config, tmp_path / "out", "--options", "schedular.epochs=1")
+    out = capsys.readouterr().out
+    assert "8 steps per epoch per rank, batch 4 per rank x 2 micro-batches, 8 per optimizer step" in out
+    assert "data: " in out and "s/it (" in out
+    state = torch.load(tmp_path / "out" / "checkpoint_00.pth", map_location="cpu", weights_only=True)
+    assert state["step"] == 8 and int(state["model"]["queue_ptr"]) == (16 * 4) % 64  # one enqueue per micro-batch
+    line = json.loads((tmp_path / "out" / "log.txt").read_text().splitlines()[0])
+    assert 0 <= line["train_data_wait_pct"] <= 100

@@ -129,9 +129,11 @@ def all_gather_object(obj: Any) -> List[Any]:
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DDP without per-step buffer broadcasts (ALBEF's queues are kept identical on every rank by gathering),
-    after one broadcast of rank 0's buffers so they start identical (DDP itself then syncs only parameters)."""
+    after one broadcast of rank 0's buffers so they start identical (DDP itself then syncs only parameters), with
+    gradients as views of the communication buckets (no separate gradient copy)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     for buf in module.buffers():
         dist.broadcast(buf, src=0)
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+               gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: one copy fewer
