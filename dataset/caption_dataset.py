@@ -63,10 +63,13 @@ class PretrainDataset(BadImagePolicy, Dataset):
             ann_files = [ann_files]
         self.records: List[Dict[str, Any]] = []
         for f in ann_files:
-            for rec in load_json_list(f, ("image", "caption")):
+            for i, rec in enumerate(load_json_list(f, ("image", "caption"))):
                 caption = rec["caption"]
-                if not isinstance(caption, (str, list)) or (isinstance(caption, list) and not caption):
-                    raise ValueError(f"{f}: caption must be a string or a non-empty list: {rec}")
+                texts = caption if isinstance(caption, list) else [caption]
+                if (not isinstance(caption, (str, list)) or not texts
+                        or not all(isinstance(t, str) and t.strip() for t in texts)):
+                    raise ValueError(f"{f}: record {i}: caption must be a non-empty string or a "
+                                     f"non-empty list of them: {json.dumps(rec)[:200]}")
                 self.records.append({"image": resolve_image(rec["image"], image_root, f), "caption": caption})
         if not self.records:
             raise ValueError(f"no records in {list(ann_files)}")

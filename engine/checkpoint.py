@@ -93,16 +93,26 @@ def _step_of(path: str) -> int:
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The checkpoint to resume from: of the newest ``checkpoint_XX.pth`` and ``checkpoint_last.pth``, the one with
-    the highest global step (the epoch one on a tie); None when there is neither."""
-    epochs = epoch_checkpoints(output_dir)
-    newest = epochs[-1] if epochs else None
+    """The checkpoint to resume from: of the newest readable ``checkpoint_XX.pth`` and ``checkpoint_last.pth``, the one
+    with the higher global step (the epoch one on a tie); None when there is none. An unreadable file (damaged
+    outside :func:`atomic_save`'s protection) is passed over with a warning."""
+
+    def readable_step(path: str) -> int:
+        step = _step_of(path)
+        if step < 0:
+            print(f"warning: {path} is not a readable checkpoint (truncated or corrupt); passed over", flush=True)
+        return step
+
+    best, best_step = None, -1
+    for path in reversed(epoch_checkpoints(output_dir)):  # newest first, down to the first readable one
+        step = readable_step(path)
+        if step >= 0:
+            best, best_step = path, step
+            break
     last = last_path(output_dir)
-    if not os.path.isfile(last):
-        return newest
-    if newest is None or _step_of(last) > _step_of(newest):
-        return last
-    return newest
+    if os.path.isfile(last) and readable_step(last) > best_step:
+        best = last
+    return best
 
 
 @torch.no_grad()
@@ -117,11 +127,18 @@ def param_checksums(model: torch.nn.Module) -> torch.Tensor:
 
 def load_training_state(path: str) -> Dict[str, Any]:
     """Load a training checkpoint written by this framework (tensors and plain types only: ``weights_only``)."""
+    from engine.resume import ResumeError
+
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise ResumeError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ResumeError(f"{path} is not a readable checkpoint (truncated, corrupt or another format: "
+                          f"{str(e).splitlines()[0][:160]}). Resume from another one with --resume PATH, or delete "
+                          "it to let --resume pick the newest readable one.") from e
     for key in (MODEL, EPOCH):
-        if key not in state:
+        if not isinstance(state, dict) or key not in state:
             raise ValueError(f"{path} is not a training checkpoint of this framework (no {key!r} key); use "
                              "--checkpoint to initialise weights from it instead of --resume")
     return state

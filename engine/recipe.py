@@ -94,12 +94,12 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
     ``cfg``, the :class:`~engine.trainer.Trainer`, the output-folder check and ``--resume`` (if the script has it).
     Returns ``(trainer, loader, sampler)``."""
     from dataset.sampling import create_train_loader
-    from engine.resume import prepare_output_dir, resolve_resume_path
+    from engine.resume import resolve_resume_path
     from engine.trainer import Trainer, print0
     from optim import create_optimizer
     from scheduler import create_scheduler
     from utils import distributed as du
-    from utils.config import to_dict
+    from utils.config import defaults_of, save_config, to_dict
 
     try:
         loader, sampler = create_train_loader(dataset, batch_size, cfg.num_workers, args.seed, collate_fn,
@@ -121,9 +121,8 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
     optimizer = create_optimizer(model, cfg.optimizer)
     scheduler = create_scheduler(cfg.scheduler, optimizer, steps)
     trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device, steps_per_epoch=steps,
-                      batch_size=batch_size, run_info={"seed": args.seed})
+                      batch_size=batch_size, run_info={"seed": args.seed}, config_defaults=defaults_of(type(cfg)))
     resume = getattr(args, "resume", None)
-    prepare_output_dir(args.output_dir, resuming=bool(resume), overwrite=getattr(args, "overwrite", False))
     if resume:
         path = resolve_resume_path(resume, args.output_dir)
         if path is None:
@@ -131,9 +130,7 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
         else:
             trainer.resume(path, apply_changes=getattr(args, "resume_changes", "refuse") == "apply",
                            rebuild_scheduler=lambda: create_scheduler(cfg.scheduler, optimizer, steps))
-    if resume and du.is_main_process():
-        from utils.config import save_config
-
+    if du.is_main_process():
         save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
     return trainer, loader, sampler
 
@@ -160,7 +157,12 @@ def setup_run(cls, args: argparse.Namespace):
     info = du.init_distributed(args.device, timeout_minutes=getattr(cfg, "dist_timeout_minutes", 30.0))
     set_seed(args.seed)  # the same on every rank: freshly initialised weights (e.g. task heads) agree across ranks
     os.makedirs(args.output_dir, exist_ok=True)
-    if du.is_main_process() and not getattr(args, "resume", None):  # a resume writes it once it is accepted
+    if hasattr(args, "resume") and not getattr(args, "evaluate", False):  # a training run
+        from engine.resume import prepare_output_dir
+
+        # before anything is written: a refused run leaves the other run's folder as it was
+        prepare_output_dir(args.output_dir, resuming=bool(args.resume), overwrite=getattr(args, "overwrite", False))
+    elif du.is_main_process():  # evaluation: training runs write config.yaml once the trainer has accepted it
         save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
     # The tokenizer comes first: the model's vocabulary and special-token ids come from it.
     return cfg, info.device, load_tokenizer(cfg.tokenizer or cfg.text_encoder)
@@ -171,7 +173,7 @@ def run_cli(main) -> None:
     a stop signal (SIGTERM / SIGUSR1) exits with ``EXIT_PREEMPTED`` (75) once its checkpoint is written."""
     import sys
 
-    from engine.resume import ResumeError
+    from engine.resume import OutputDirError, ResumeError
     from engine.trainer import EXIT_PREEMPTED, Preempted
     from utils import distributed as du
 
@@ -181,7 +183,7 @@ def run_cli(main) -> None:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     except ResumeError as e:
-        print(f"resume error: {e}", file=sys.stderr)
+        print(f"{'output_dir' if isinstance(e, OutputDirError) else 'resume'} error: {e}", file=sys.stderr)
         du.cleanup()
         sys.exit(2)
     except Preempted:

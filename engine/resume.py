@@ -23,12 +23,17 @@ from utils import distributed as du
 HARMLESS_KEYS = (
     "num_workers", "print_freq", "keep_checkpoints", "checkpoint_every_steps", "checkpoint_every_minutes",
     "max_bad_steps", "dist_timeout_minutes", "compile", "test_file", "val_file", "batch_size_test", "k_test",
-    "rerank_score", "first_token_twice", "answer_list", "on_bad_image", "max_image_pixels",
+    "rerank_score", "first_token_twice", "answer_list", "on_bad_image", "max_image_pixels", "persistent_workers",
+    "prefetch_factor", "max_bad_image_fraction",
 )
 
 
 class ResumeError(RuntimeError):
-    """A resume (or a new run in a used folder) that would not continue the run the user thinks it does."""
+    """A resume that would not continue the run the user thinks it does."""
+
+
+class OutputDirError(ResumeError):
+    """A new run in a folder that holds another run's checkpoints."""
 
 
 def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -46,15 +51,17 @@ def _harmless(key: str, harmless: Iterable[str]) -> bool:
     return any(key == h or key.startswith(h + ".") for h in harmless)
 
 
-def config_changes(old: Dict[str, Any], new: Dict[str, Any], harmless: Iterable[str] = HARMLESS_KEYS
-                   ) -> List[Tuple[str, Any, Any]]:
-    """``(dotted key, checkpoint value, current value)`` for every key that differs and matters."""
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], harmless: Iterable[str] = HARMLESS_KEYS,
+                   defaults: Optional[Dict[str, Any]] = None) -> List[Tuple[str, Any, Any]]:
+    """``(dotted key, checkpoint value, current value)`` for every key that differs and matters. A key the checkpoint's
+    config lacks (written before the key existed) counts as its default from ``defaults``."""
     a, b = flatten(old or {}), flatten(new or {})
+    d = flatten(defaults or {})
     out = []
     for key in sorted(set(a) | set(b)):
         if _harmless(key, harmless):
             continue
-        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        va, vb = a.get(key, d.get(key, "<absent>")), b.get(key, "<absent>")
         if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
             if float(va) == float(vb):
                 continue
@@ -100,7 +107,7 @@ def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None
     existing = du.broadcast_object(ckpt.run_checkpoints(output_dir) if du.is_main_process() else None)
     if existing and not overwrite:
         names = ", ".join(os.path.basename(p) for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
-        raise ResumeError(f"{output_dir} already holds another run's checkpoints ({names}). Pass --resume to continue "
+        raise OutputDirError(f"{output_dir} already holds another run's checkpoints ({names}). Pass --resume to continue "
                           "that run, --overwrite to delete them and start anew, or another --output_dir.")
     if existing and du.is_main_process():
         for p in existing + [os.path.join(output_dir, n) for n in ("log.txt", "checkpoint_best.pth")]:

@@ -68,6 +68,7 @@ class TrainOptions:
     accum_steps: int = 1  # micro-batches (of batch_size each) per optimizer step
     persistent_workers: bool = True  # keep loader workers alive across epochs (no re-spawn cost per epoch)
     prefetch_factor: int = 2  # batches each loader worker prepares ahead
+    max_bad_image_fraction: float = 0.5  # stop when more of the images read than this are unreadable (image_root?)
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -90,6 +91,8 @@ class TrainOptions:
             raise ValueError(f"dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         if self.accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+        if not 0 < self.max_bad_image_fraction <= 1:
+            raise ValueError(f"max_bad_image_fraction must be in (0, 1], got {self.max_bad_image_fraction}")
         if self.prefetch_factor < 1:
             raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
 
@@ -234,7 +237,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, opts: TrainOptions,
                  output_dir: str, config: Dict[str, Any], device: torch.device, steps_per_epoch: int = 0,
-                 batch_size: int = 0, run_info: Optional[Dict[str, Any]] = None):
+                 batch_size: int = 0, run_info: Optional[Dict[str, Any]] = None,
+                 config_defaults: Optional[Dict[str, Any]] = None):
         self.model = model.to(device)
         self.device = device
         self.optimizer = optimizer
@@ -242,6 +246,7 @@ class Trainer:
         self.opts = opts
         self.output_dir = output_dir
         self.config = config
+        self.config_defaults = config_defaults or {}
         self.steps_per_epoch = steps_per_epoch
         self.batch_size = batch_size
         self.run_info = {**(run_info or {}), "world_size": du.get_world_size()}
@@ -328,7 +333,7 @@ class Trainer:
         a changed batch size or world size continues at the same sample of the epoch, rounded down to a whole step.
         """
         state = ckpt.load_training_state(path)
-        changes = config_changes(state.get(ckpt.CONFIG) or {}, self.config)
+        changes = config_changes(state.get(ckpt.CONFIG) or {}, self.config, defaults=self.config_defaults)
         old_run = state.get(ckpt.RUN) or {"world_size": len(state[ckpt.RNG])}  # version 1 stored no run info
         changes += config_changes({"run": old_run}, {"run": {k: v for k, v in self.run_info.items() if k in old_run}})
         if changes and not apply_changes:
@@ -475,7 +480,8 @@ class Trainer:
                 "batch_size": self.batch_size, "accum_steps": self.opts.accum_steps,
                 "world_size": du.get_world_size(), "names": list(names),
                 "sums": None if sums is None else sums.detach().cpu(), "n_good": float(n_good),
-                "bad_images": int(bad_images), "bad_paths": list(bad_paths)}
+                "bad_images": int(bad_images), "bad_paths": list(bad_paths), "bad_events": int(self._bad_events),
+                "samples": int(self._samples)}
 
     def train_epoch(self, loader, epoch: int, train_step, batch_size_of: Callable[[Any], int],
                     start_step: int = 0) -> Dict[str, float]:
@@ -485,13 +491,15 @@ class Trainer:
         window: Optional[torch.Tensor] = None
         names: List[str] = []
         n_good = 0.0
-        bad_images, bad_paths = 0, []
+        bad_images, bad_paths, bad_set = 0, [], set()  # distinct unreadable files met by this rank this epoch
+        self._bad_events = self._samples = 0  # images skipped / samples delivered (for max_bad_image_fraction)
         resumed = self._epoch_resume if start_step else None
         self._epoch_resume = None
         if resumed is not None and resumed.get("sums") is not None:
             names, sums = list(resumed["names"]), resumed["sums"].to(self.device)
             window = torch.zeros_like(sums)
             n_good, bad_images, bad_paths = resumed["n_good"], resumed["bad_images"], list(resumed["bad_paths"])
+            self._bad_events, self._samples = resumed.get("bad_events", 0), resumed.get("samples", 0)
         n_window, samples_window = 0, 0
         t_epoch = t_window = time.time()
         header = f"Train Epoch: [{epoch}]"
@@ -519,8 +527,11 @@ class Trainer:
             wait_window += wait
             for batch in group:
                 if isinstance(batch, dict) and batch.get("bad_images"):
-                    bad_images += len(batch["bad_images"])
-                    bad_paths = (bad_paths + list(batch["bad_images"]))[:5]
+                    self._bad_events += len(batch["bad_images"])
+                    new = set(batch["bad_images"]) - bad_set
+                    bad_set |= new
+                    bad_images += len(new)
+                    bad_paths = (bad_paths + sorted(new))[:5]
             group = [move_to(batch, self.device) for batch in group]
             ctx = StepContext(epoch, i, steps, self.global_step)
             losses, flags = self._step(group, ctx, train_step)
@@ -533,7 +544,9 @@ class Trainer:
             sums += kept
             window += kept
             n_window += 1
-            samples_window += sum(batch_size_of(batch) for batch in group)
+            n_samples = sum(batch_size_of(batch) for batch in group)
+            samples_window += n_samples
+            self._samples += n_samples
             mirror.push(torch.cat([flags, values]), (i, self.global_step))
             drain(flush=False)
             last_step = i + 1 == steps
@@ -556,7 +569,9 @@ class Trainer:
                     raise Preempted(self.global_step)
             if (i + 1) % self.opts.print_freq == 0 or last_step:
                 drain(flush=True)
-                avg = (window / max(counts["good_window"], 1)).tolist()  # the only other host sync, every print_freq steps
+                self._check_bad_image_fraction(bad_paths)
+                avg = ((window / counts["good_window"]).tolist() if counts["good_window"]
+                       else [float("nan")] * len(names))  # every step of the window skipped  # the only other host sync, every print_freq steps
                 elapsed = time.time() - t_window
                 lr = self.optimizer.param_groups[0]["lr"]
                 rate = samples_window * du.get_world_size() / max(elapsed, 1e-9)
@@ -586,14 +601,14 @@ class Trainer:
         extra = torch.tensor([float(counts["good"]), float(bad_images), 100.0 * wait_total / max(total_time, 1e-9)],
                              device=sums.device)
         totals = du.all_reduce_sum(torch.cat([sums, extra]))
-        means = (totals[:-3] / totals[-3].clamp(min=1)).tolist()
+        means = (totals[:-3] / totals[-3]).tolist() if float(totals[-3]) else [float("nan")] * len(names)
         total_bad_images = int(totals[-2])
         wait_pct = float(totals[-1]) / du.get_world_size()
         print0(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
                f"({total_time / max(steps - start_step, 1):.4f} s / it)")
         paths = [p for ps in du.all_gather_object(bad_paths) for p in ps]
         if total_bad_images:
-            print0(f"{header} skipped {total_bad_images} unreadable image(s) on all ranks (first: {paths[:5]})")
+            print0(f"{header} {total_bad_images} unreadable image(s) skipped on all ranks (first: {paths[:5]})")
         stats = {f"train_{k}": v for k, v in zip(names, means)}
         stats["train_lr"] = self.optimizer.param_groups[0]["lr"]
         stats["train_bad_images"] = total_bad_images
@@ -603,16 +618,28 @@ class Trainer:
             stats["train_bad_image_paths"] = paths[:5]
         return stats
 
+    def _check_bad_image_fraction(self, bad_paths: List[str]) -> None:
+        """Every rank at the same step: stop when most images read so far this epoch were unreadable."""
+        counts = du.all_reduce_sum(torch.tensor([float(self._bad_events), float(self._samples)], device=self.device))
+        bad, good = counts.tolist()
+        if bad and good >= 8 and bad / (bad + good) > self.opts.max_bad_image_fraction:
+            raise RuntimeError(
+                f"{int(bad)} of the {int(bad + good)} images read so far this epoch were unreadable (more than "
+                f"max_bad_image_fraction {self.opts.max_bad_image_fraction}; first on this rank: {bad_paths[:3]}). "
+                "Check image_root (and the paths in the annotation files); python -m tools.check_data --config "
+                "<config> lists every bad record.")
+
     def _on_bad_step(self, epoch: int, step_in_epoch: int, global_step: int, losses: Dict[str, float]) -> None:
         self.bad_steps += 1
         self.consecutive_bad += 1
         shown = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
-        print0(f"warning: epoch {epoch} step {step_in_epoch} (global step {global_step}): non-finite loss or gradient "
+        print0(f"warning: epoch {epoch} step {step_in_epoch + 1}/{self.steps_per_epoch} (global step {global_step}): "
+               "non-finite loss or gradient "
                f"norm ({shown}); optimizer step skipped ({self.consecutive_bad} in a row, {self.bad_steps} in all)")
         if self.consecutive_bad >= self.opts.max_bad_steps:
             raise FloatingPointError(
                 f"training diverged: {self.consecutive_bad} consecutive steps with a non-finite loss or gradient norm "
-                f"(max_bad_steps {self.opts.max_bad_steps}), the last at epoch {epoch} step {step_in_epoch} (global "
+                f"(max_bad_steps {self.opts.max_bad_steps}), the last at epoch {epoch} step {step_in_epoch + 1} (global "
                 f"step {global_step}) with {shown}. No checkpoint was written with these weights; lower optimizer.lr, "
                 "set grad_clip, or resume from an earlier checkpoint.")
 
@@ -645,7 +672,16 @@ class Trainer:
                 stats = self.train_epoch(loader, epoch, train_step, batch_size_of, start_step)
                 # Evaluate before saving, so the saved RNG state is exactly the one the next epoch starts from.
                 extra = after_epoch(epoch) if after_epoch is not None else {}
-                path = self.save(epoch)
+                if self.consecutive_bad:  # the weights are those before a streak of skipped steps: likely exploded
+                    if epoch + 1 == epochs:
+                        raise FloatingPointError(
+                            f"training ended inside a streak of {self.consecutive_bad} skipped steps (non-finite loss "
+                            f"or gradient norm); no final checkpoint written. Lower optimizer.lr or set grad_clip.")
+                    print0(f"warning: epoch {epoch} ends inside a streak of {self.consecutive_bad} skipped steps: "
+                           f"checkpoint_{epoch:02d}.pth is not written")
+                    path = None
+                else:
+                    path = self.save(epoch)
                 record = {**stats, **(extra or {}), "epoch": epoch}
                 self.log.line(record)
                 self.log.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch, "epoch/")

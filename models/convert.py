@@ -83,7 +83,12 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Ten
     resize_pos_embeds(sd, model.visual_encoder.patch_embed.num_patches)
     for k, v in sd.items():
         if k in expected and expected[k].shape != v.shape:
-            hint = " (set queue_size to the checkpoint's)" if "queue" in k else ""
+            hint = ""
+            if k in ("image_queue", "text_queue"):  # [embed_dim, queue_size]
+                which = [name for name, a, b in zip(("embed_dim", "queue_size"), v.shape, expected[k].shape) if a != b]
+                hint = f" (set {' and '.join(which)} to the checkpoint's: {tuple(v.shape)})"
+            elif k == "idx_queue":
+                hint = " (set queue_size to the checkpoint's)"
             raise ValueError(f"{name}: {k} has shape {tuple(v.shape)}, the {target} model expects "
                              f"{tuple(expected[k].shape)}{hint}")
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -68,11 +68,16 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({e}); only plain tensor "
-                         "checkpoints are accepted") from e
+        if "Weights only load failed" in str(e) and "GLOBAL" in str(e):  # a pickle with objects, not a torn file
+            raise ValueError(f"{path}: the checkpoint holds Python objects besides tensors; only plain tensor "
+                             "checkpoints are loaded (weights_only) for safety") from e
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another format): "
+                         f"{str(e).splitlines()[0][:200]}") from e
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

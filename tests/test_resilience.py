@@ -230,8 +230,10 @@ def test_resume_changes_apply_takes_effect(one_epoch, tmp_path):
 def test_new_run_refuses_a_used_folder_unless_overwrite(one_epoch, tmp_path):
     config, src = one_epoch
     out = _copy_run(src, tmp_path / "out")
+    before = (out / "config.yaml").read_bytes()
     with pytest.raises(ResumeError, match="already holds another run's checkpoints"):
-        _in_process(config, out)
+        _in_process(config, out, "--options", "optimizer.lr=1e-4")
+    assert (out / "config.yaml").read_bytes() == before  # a refused run leaves the folder as it was
     _in_process(config, out, "--overwrite", "--options", "schedular.epochs=1")
     lines = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0]  # the old run's log is gone, not mixed in
@@ -254,9 +256,75 @@ def test_queue_must_be_a_multiple_of_the_global_batch(tmp_path, tiny_world):
 
 
 def test_config_changes_ignores_bookkeeping_keys():
-    old = {"optimizer": {"lr": 1e-4}, "print_freq": 50, "num_workers": 4, "batch_size": 64, "test_file": "a"}
-    new = {"optimizer": {"lr": 1e-4}, "print_freq": 10, "num_workers": 8, "batch_size": 32, "test_file": "b"}
+    old = {"optimizer": {"lr": 1e-4}, "print_freq": 50, "num_workers": 4, "batch_size": 64, "test_file": "a",
+           "persistent_workers": True, "prefetch_factor": 2}
+    new = {"optimizer": {"lr": 1e-4}, "print_freq": 10, "num_workers": 8, "batch_size": 32, "test_file": "b",
+           "persistent_workers": False, "prefetch_factor": 4}
     assert config_changes(old, new) == [("batch_size", 64, 32)]
+
+
+def test_keys_a_checkpoint_predates_count_as_their_defaults():
+    from Pretrain import PretrainConfig
+    from utils.config import defaults_of
+
+    old = {"batch_size": 8}  # written before accum_steps existed
+    defaults = defaults_of(PretrainConfig)
+    assert config_changes(old, {"batch_size": 8, "accum_steps": 1}, defaults=defaults) == []
+    assert config_changes(old, {"batch_size": 8, "accum_steps": 2}, defaults=defaults) == [("accum_steps", 1, 2)]
+
+
+def test_unreadable_checkpoints_are_passed_over_or_named(one_epoch, tmp_path):
+    config, src = one_epoch
+    out = _copy_run(src, tmp_path / "out")
+    good = out / "checkpoint_00.pth"
+    data = good.read_bytes()
+    (out / "checkpoint_last.pth").write_bytes(data[: len(data) // 2])  # torn outside atomic_save
+    assert ckpt.latest_checkpoint(str(out)) == str(good)
+    (out / "junk.pth").write_bytes(os.urandom(4000))
+    for bad in (out / "checkpoint_last.pth", out / "junk.pth"):
+        with pytest.raises(ResumeError, match=f"{bad.name} is not a readable checkpoint"):
+            _in_process(config, out, "--resume", str(bad))
+
+
+def test_checkpoint_flag_messages(tmp_path, tiny_world, one_epoch):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None)
+    with pytest.raises(FileNotFoundError, match="checkpoint file .*nope.pth does not exist"):
+        _in_process(config, tmp_path / "a", "--checkpoint", str(tmp_path / "nope.pth"))
+    (tmp_path / "junk.pth").write_bytes(os.urandom(4000))
+    with pytest.raises(ValueError, match="junk.pth: not a readable PyTorch checkpoint"):
+        _in_process(config, tmp_path / "b", "--checkpoint", str(tmp_path / "junk.pth"))
+    with pytest.raises(ValueError, match=r"image_queue has shape \(32, 64\).*set embed_dim to the checkpoint's"):
+        _in_process(config, tmp_path / "c", "--checkpoint", str(one_epoch[1] / "checkpoint_00.pth"),
+                    "--options", "embed_dim=64")
+
+
+@pytest.mark.parametrize("caption", ["", "   ", ["", "a dog"], []])
+def test_empty_captions_are_record_errors(tmp_path, tiny_world, caption):
+    from dataset.caption_dataset import PretrainDataset
+
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "x.jpg", "caption": "fine"},
+                                                 {"image": "y.jpg", "caption": caption}]))
+    with pytest.raises(ValueError, match=r"a.json: record 1: caption must be a non-empty string"):
+        PretrainDataset(str(tmp_path / "a.json"), None)
+
+
+def test_mostly_unreadable_images_stop_the_run_naming_image_root(tmp_path, tiny_world):
+    records = json.loads((tiny_world / "pretrain.json").read_text())
+    records = [dict(r, image=str(tiny_world / r["image"]) if i % 8 == 0 else "missing/" + r["image"])
+               for i, r in enumerate(records)]
+    (tmp_path / "pre.json").write_text(json.dumps(records))
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None, print_freq=1,
+                               train_file=[str(tmp_path / "pre.json")])
+    with pytest.raises(RuntimeError, match="images read so far this epoch were unreadable.*Check image_root"):
+        _in_process(config, tmp_path / "out")
+
+
+def test_training_that_ends_in_a_streak_of_skipped_steps_fails(tmp_path, tiny_world):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None)
+    with pytest.raises(FloatingPointError, match="training ended inside a streak"):
+        _in_process(config, tmp_path / "out", "--options", "optimizer.lr=1e30", "schedular.warmup_lr=1e30",
+                    "schedular.epochs=1")
+    assert not list((tmp_path / "out").glob("checkpoint_*.pth"))
 
 
 # ----------------------------------------------------------------------------------------------- divergence guard
@@ -296,7 +364,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, fused):
     assert torch.equal(weights[1], weights[2]) and torch.equal(weights[3], weights[5])  # no update on a bad step
     assert not torch.equal(weights[0], weights[1])  # good steps do update
     assert torch.isfinite(torch.tensor(stats["train_loss"]))  # skipped steps stay out of the epoch mean
-    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .*epoch 0 step 2 .*loss=nan"):
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .*epoch 0 step 3 .*loss=nan"):
         trainer.train_epoch([{"image": x * float("nan")}] * 6, 0, step, lambda b: 2)
     assert not list(tmp_path.glob("checkpoint_*"))
 
@@ -344,7 +412,7 @@ def test_skipped_images_are_totalled_in_log_and_progress(tmp_path, tiny_world, c
     assert [x["train_bad_images"] for x in lines] == [1, 1]  # each record is drawn once per epoch
     assert lines[0]["train_bad_image_paths"] == [str(torn)]
     out = capsys.readouterr().out
-    assert "bad images: 1 (this rank)" in out and "skipped 1 unreadable image(s) on all ranks" in out
+    assert "bad images: 1 (this rank)" in out and "1 unreadable image(s) skipped on all ranks" in out
 
 
 def test_checkpoint_every_minutes_writes_checkpoint_last(tmp_path, tiny_world, capsys):

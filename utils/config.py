@@ -130,7 +130,7 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "config") -> T:
     except ValueError as e:  # a __post_init__ check
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{where}: {e}") from e
+        raise ConfigError(f"{where}{'' if where.endswith(':') else ':'} {e}") from e
 
 
 def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
@@ -207,6 +207,20 @@ def load_config(cls: Type[T], path: Optional[str], overrides: Sequence[str] = ()
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def defaults_of(cls) -> Dict[str, Any]:
+    """The default value of every field of config class ``cls`` that has one (nested dataclasses as dicts)."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def save_config(cfg: Any, path: str) -> None:
