@@ -49,12 +49,16 @@ class PretrainConfig(ModelKeys, TrainOptions):
     on_bad_image: str = "skip"  # skip (the next record is used; reported in batch["bad_images"]) or raise
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
     test_file: Optional[str] = None  # retrieval-format JSON evaluated zero-shot (ITC) after every epoch
+    train_shards: Union[str, List[str], None] = None  # webdataset tar shards (python -m tools.make_shards) instead
+    train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     batch_size_test: int = 64
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.train_file:
-            raise ValueError("train_file is required (a JSON file or a list of them)")
+        if not self.train_file and not self.train_shards:
+            raise ValueError("train_file (a JSON file or a list of them) or train_shards is required")
+        if self.train_shards and not (self.train_samples_per_epoch or 0) > 0:
+            raise ValueError("train_samples_per_epoch (samples per epoch over all ranks) is required with train_shards")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (ITM needs an in-batch negative)")
         check_image_options(self.on_bad_image, self.max_image_pixels)
@@ -97,8 +101,9 @@ def main(argv=None) -> Dict[str, float]:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"model: {n_train / 1e6:.1f} M trainable parameters")
 
-    dataset = PretrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
-                              cfg.max_words, cfg.on_bad_image, cfg.max_image_pixels)
+    dataset = None if cfg.train_shards else PretrainDataset(
+        cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root, cfg.max_words, cfg.on_bad_image,
+        cfg.max_image_pixels)  # with train_shards, make_trainer streams the shards
     # Optimizer and scheduler on the unwrapped model, before DDP (as the original).
     model.to(device)
     trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size,

@@ -40,8 +40,9 @@ def main(argv=None) -> Dict[str, float]:
         print0("warning: no --checkpoint: text assignment starts from random weights")
     model.to(device)
 
-    dataset = PretrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
-                              cfg.max_words, cfg.on_bad_image, cfg.max_image_pixels)
+    dataset = None if cfg.train_shards else PretrainDataset(
+        cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root, cfg.max_words, cfg.on_bad_image,
+        cfg.max_image_pixels)  # with train_shards, make_trainer streams the shards
     trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size,
                                             CaptionCollator(tokenizer, cfg.max_tokens), device)
 

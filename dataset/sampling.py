@@ -18,9 +18,11 @@ this module gives exact resumption without the extra dependency.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import random
 import signal
+import weakref
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
@@ -94,6 +96,20 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def _shutdown_workers(loader_ref: "weakref.ref[DataLoader]") -> None:
+    loader = loader_ref()
+    iterator = getattr(loader, "_iterator", None) if loader is not None else None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+def shutdown_workers_at_exit(loader: DataLoader) -> None:
+    """Stop a persistent loader's workers at interpreter exit, before ``multiprocessing``'s own exit hook (registered
+    earlier, so it runs later), which would SIGTERM them (ignored: :func:`ignore_stop_signals`) and then wait for them
+    forever: without this a crash with persistent workers would hang instead of exiting."""
+    atexit.register(_shutdown_workers, weakref.ref(loader))
+
+
 def create_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                         collate_fn: Optional[Callable] = None, persistent_workers: bool = True,
                         prefetch_factor: int = 2) -> Tuple[DataLoader, ResumableSampler]:
@@ -111,4 +127,6 @@ def create_train_loader(dataset: Dataset, batch_size: int, num_workers: int, see
                         # safe with exact resume: augmentation draws depend on (seed, epoch, index), not on workers
                         persistent_workers=persistent_workers and num_workers > 0,
                         prefetch_factor=prefetch_factor if num_workers else None)
+    if num_workers and persistent_workers:
+        shutdown_workers_at_exit(loader)
     return loader, sampler

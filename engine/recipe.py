@@ -90,8 +90,9 @@ def ramped_alpha(alpha: float, warm_up: bool, ctx) -> float:
 
 def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int, collate_fn, device):
     """The training half every script shares: a resumable epoch-seeded sampler and loader over ``dataset`` (every
-    sample under its own random stream, see ``dataset/sampling.py``), the optimizer and per-step scheduler of
-    ``cfg``, the :class:`~engine.trainer.Trainer`, the output-folder check and ``--resume`` (if the script has it).
+    sample under its own random stream, see ``dataset/sampling.py``) -- or, when ``cfg.train_shards`` is set (and
+    ``dataset`` is None), a stream over webdataset shards (``dataset/shards.py``) -- the optimizer and per-step
+    scheduler of ``cfg``, the :class:`~engine.trainer.Trainer` and ``--resume`` (if the script has it).
     Returns ``(trainer, loader, sampler)``."""
     from dataset.sampling import create_train_loader
     from engine.resume import resolve_resume_path
@@ -101,10 +102,24 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
     from utils import distributed as du
     from utils.config import defaults_of, save_config, to_dict
 
+    shards = getattr(cfg, "train_shards", None)
+    run_info = {"seed": args.seed}
     try:
-        loader, sampler = create_train_loader(dataset, batch_size, cfg.num_workers, args.seed, collate_fn,
-                                              cfg.persistent_workers, cfg.prefetch_factor)
-    except ValueError as e:
+        if shards:
+            from dataset.shards import create_shard_loader
+            from dataset.transforms import train_transform
+
+            loader, sampler = create_shard_loader(
+                shards, train_transform(cfg.image_res, cfg.augment), cfg.max_words, batch_size, cfg.num_workers,
+                args.seed, cfg.train_samples_per_epoch, collate_fn, persistent_workers=cfg.persistent_workers,
+                prefetch_factor=cfg.prefetch_factor, max_image_pixels=cfg.max_image_pixels)
+            run_info["num_workers"] = cfg.num_workers  # each worker streams its own sequence of the shards
+            n_samples = f"{cfg.train_samples_per_epoch} samples per epoch streamed from {shards}"
+        else:
+            loader, sampler = create_train_loader(dataset, batch_size, cfg.num_workers, args.seed, collate_fn,
+                                                  cfg.persistent_workers, cfg.prefetch_factor)
+            n_samples = f"{len(dataset)} training samples"
+    except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{args.config}: {e}") from e
     global_batch = batch_size * du.get_world_size()
     if hasattr(model, "image_queue") and model.image_queue.shape[1] % global_batch:
@@ -115,13 +130,13 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
     if steps < 1:
         raise ConfigError(f"{args.config}: accum_steps {cfg.accum_steps} is more than the {len(loader)} batches per "
                           "epoch per rank")
-    print0(f"data: {len(dataset)} training samples, {steps} steps per epoch per rank, batch {batch_size} per rank"
+    print0(f"data: {n_samples}, {steps} steps per epoch per rank, batch {batch_size} per rank"
            + (f" x {cfg.accum_steps} micro-batches" if cfg.accum_steps > 1 else "")
            + f", {global_batch * cfg.accum_steps} per optimizer step")
     optimizer = create_optimizer(model, cfg.optimizer)
     scheduler = create_scheduler(cfg.scheduler, optimizer, steps)
     trainer = Trainer(model, optimizer, scheduler, cfg, args.output_dir, to_dict(cfg), device, steps_per_epoch=steps,
-                      batch_size=batch_size, run_info={"seed": args.seed}, config_defaults=defaults_of(type(cfg)))
+                      batch_size=batch_size, run_info=run_info, config_defaults=defaults_of(type(cfg)))
     resume = getattr(args, "resume", None)
     if resume:
         path = resolve_resume_path(resume, args.output_dir)

@@ -150,3 +150,27 @@ def test_resumable_order_and_per_sample_streams_do_not_depend_on_workers():
     assert len(sampler) == 20 and _batches(one) == full  # the offset is for one epoch only
     sampler.set_epoch(3)
     assert _batches(one) != full
+
+
+def test_crash_with_persistent_workers_exits(tmp_path):
+    """Workers ignore SIGTERM (the main process checkpoints first); an exception out of the loop must still end the
+    process instead of hanging in multiprocessing's exit hook."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import torch\n"
+        "from dataset.sampling import create_train_loader\n"
+        "class D(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 32\n"
+        "    def __getitem__(self, i): return torch.zeros(2)\n"
+        "loader, sampler = create_train_loader(D(), 4, 2, 0)\n"
+        "for i, batch in enumerate(loader):\n"
+        "    if i == 2:\n"
+        "        raise RuntimeError('boom')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 1 and "RuntimeError: boom" in proc.stderr

@@ -452,3 +452,21 @@ def test_accumulation_and_data_wait_in_a_pretraining_run(tmp_path, tiny_world, c
     assert state["step"] == 8 and int(state["model"]["queue_ptr"]) == (16 * 4) % 64  # one enqueue per micro-batch
     line = json.loads((tmp_path / "out" / "log.txt").read_text().splitlines()[0])
     assert 0 <= line["train_data_wait_pct"] <= 100
+
+
+# ------------------------------------------------------------------------------------------------- shards
+@pytest.mark.slow
+def test_pretraining_on_shards_resumes_exactly(tmp_path, tiny_world):
+    from tools.make_shards import make_shards
+
+    make_shards([str(tiny_world / "pretrain.json")], str(tmp_path / "shards" / "pt-%06d.tar"), samples_per_shard=16)
+    pattern = str(tmp_path / "shards" / "pt-{000000..000003}.tar")
+    config = _config(tmp_path / "tiny.yaml", tiny_world, train_file=[], train_shards=pattern,
+                     train_samples_per_epoch=64, num_workers=0)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _in_process(config, ref)
+    assert "64 samples per epoch streamed" in _run(config, tmp_path / "probe", "--options",
+                                                     "schedular.epochs=1").stdout
+    _die(config, out, 5)
+    _in_process(config, out, "--resume")
+    _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")

@@ -1,0 +1,333 @@
+"""Pre-training data streamed from webdataset tar shards (written by ``python -m tools.make_shards``).
+
+:class:`ShardDataset` yields the same samples as :class:`dataset.caption_dataset.PretrainDataset`
+(``{'image': tensor, 'caption': str, 'bad_images': [str, ...]}``, ``pre_caption`` applied, one caption drawn at
+random from a list), and :func:`create_shard_loader` is the shard counterpart of
+:func:`dataset.sampling.create_train_loader`.
+
+**The stream.** Each loader worker of each rank reads its own stream, built with webdataset's ``DataPipeline``:
+``ResampledShards`` (shards drawn at random *with replacement*) -> ``tarfile_to_samples`` -> ``shuffle`` (a buffer
+of ``shuffle_buffer`` samples, filled completely before the first one leaves) -> decode + transform ->
+``with_epoch(n)``. There is no split of the shard list: ranks and workers are kept apart by their random streams,
+every one of which is seeded from ``(seed, epoch, rank, world size, worker, number of workers)``. Over an epoch a
+sample may therefore be seen twice or not at all (resampling); over many epochs every shard is read equally often
+on average. ``resampled=False`` instead splits the shard list (``shards[rank::world][worker::workers]``, in an
+order shuffled per epoch) and reads each shard of the share once: each sample at most once per epoch, but ranks
+may run dry at different steps, so it is for one-pass reading in a single process (inspection, tests), not for
+DDP training.
+
+**Epoch length.** ``epoch_samples`` is the number of samples per epoch over all ranks: each rank gets
+``steps = epoch_samples // (batch_size * world_size)`` batches (``len(loader)``), spread over its loader workers
+batch by batch (worker ``w`` makes batches ``w, w + W, w + 2W, ...``, the order in which PyTorch's DataLoader
+collects them), so each worker yields whole batches and every rank yields exactly ``steps`` batches.
+
+**Randomness and reproducibility.** Every sample is made under its own random stream (torch's CPU generator and
+Python's ``random`` seeded from the stream key and the sample's position in its worker's stream; the previous
+states are restored afterwards, so the model's RNG is never touched, also with ``num_workers: 0``): crop, flip,
+RandAugment and the caption choice are a function of ``(seed, epoch, rank, world size, worker, number of
+workers, position)``. Two runs with the same seed, world size, ``num_workers``, ``batch_size``,
+``epoch_samples``, ``shuffle_buffer`` and shards see the same batches in the same order. Changing the number of
+workers or ranks gives a different (equally valid) stream.
+
+**Epochs reach the workers.** ``set_epoch`` and ``set_start`` write into a small shared-memory tensor that the
+worker processes share with the main process, so they work with persistent workers too (a persistent worker
+keeps its own copy of the data set, which only shared memory reaches), as well as with non-persistent ones and
+with ``num_workers: 0``. The values are read when the epoch's iterator is created (``iter(loader)``).
+
+**Resume inside an epoch.** ``set_start(n)`` (``n`` = samples of this rank already done, a multiple of
+``batch_size``; the engine passes ``start_step * batch_size``) makes the epoch's stream start over from its
+beginning and *skip* the first ``n // batch_size`` batches: each worker drops the samples of its skipped batches
+after the shuffle buffer and before decoding (their tar bytes are read, nothing is decoded or augmented), so the
+rest of the epoch is exactly what an uninterrupted run would have seen, with the same augmentations, provided the
+world size, ``num_workers``, ``batch_size``, ``epoch_samples``, ``shuffle_buffer``, seed and shards are the same.
+Exception: a sample whose image fails to decode inside the skipped part is counted as a sample there (it is not
+decoded), so each such sample shifts that worker's remaining stream by one; ``make_shards`` writes only images that
+decode, so this needs a shard damaged after it was written. The skip costs the time to read the skipped bytes
+(about ``n * mean sample size`` per rank) but no decoding. With a different world size or number of workers the
+resumed epoch is a different stream (skipping the same number of batches, so the epoch still has ``steps``
+batches); samples may then repeat within that epoch. The offset holds until the next ``set_epoch``, which resets
+it to 0 (the engine calls ``set_epoch`` first, then ``set_start``, at the start of every epoch).
+
+**Bad images.** A sample whose image fails to decode (:class:`dataset.images.BadImageError`) is dropped and the
+next one is used; its description (``shard:key (original path)``) goes into the next sample's ``bad_images``
+(``on_bad_image: skip`` behaviour; the epoch keeps its length). A stream with 1000 bad images in a row stops with
+an error. A sample without an image (``jpg``/``jpeg``/``png``/``webp``) or without a caption (``json``'s
+``caption``, else ``txt``, as ``img2dataset`` writes) is an error: the shards are not what this reader expects.
+So is a torn or unreadable shard (webdataset's ``reraise_exception`` handler; the message names the shard).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb
+from dataset.text import pre_caption
+from utils import distributed as du
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_BAD_IN_A_ROW = 1000
+
+
+def stream_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts`` (stable across processes and Python versions, unlike ``hash``)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
+    """A brace pattern (``shards/pt-{000000..000099}.tar``), several joined by ``::``, or a list of them -> the
+    list of shard paths / URLs."""
+    from webdataset.shardlists import expand_urls as wds_expand
+
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: List[str] = []
+    for u in items:
+        if not isinstance(u, str) or not u:
+            raise ValueError(f"shard URLs must be non-empty strings, got {u!r}")
+        out.extend(wds_expand(u))
+    if not out:
+        raise ValueError(f"no shards in {urls!r}")
+    return out
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") and url != "-"
+
+
+def _worker() -> Tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _batches_of_worker(steps: int, worker: int, workers: int) -> int:
+    """Batches ``worker`` makes when ``workers`` share ``steps`` batches round-robin (batch j by worker j % W)."""
+    return steps // workers + (1 if worker < steps % workers else 0)
+
+
+class _SeededRNG:
+    """Seed torch's CPU generator and Python's ``random`` for one sample; restore the previous states on exit."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.torch_state, self.py_state = torch.get_rng_state(), random.getstate()
+        torch.default_generator.manual_seed(self.seed)
+        random.seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.torch_state)
+        random.setstate(self.py_state)
+        return False
+
+
+class ShardDataset(IterableDataset):
+    """Pre-training samples streamed from tar shards (see the module docstring for the stream, the epoch, seeding
+    and resume).
+
+    Args:
+        urls: a brace pattern (``shards/pt-{000000..000099}.tar``), several joined by ``::``, or a list of them.
+            Local paths are checked to exist.
+        transform: the image transform (e.g. ``train_transform(image_res, augment)``).
+        max_words: ``pre_caption``'s word limit.
+        epoch_samples: samples per epoch over all ranks (``train_samples_per_epoch``).
+        shuffle_buffer: samples in each worker's shuffle buffer (raw bytes, before decoding).
+        seed: the run's seed.
+        batch_size: the per-rank batch of the loader that will batch this data set (the epoch is cut into whole
+            batches and spread over the workers batch by batch; ``create_shard_loader`` sets it).
+        resampled: True (training): shards drawn with replacement, exactly ``len(self)`` samples per rank and epoch.
+            False: one pass over this rank's and worker's share of the shard list, at most ``len(self)`` samples.
+        rank, world_size: default ``utils.distributed.get_rank()`` / ``get_world_size()`` at construction.
+        max_image_pixels: images with more pixels are bad (as the JSON data sets).
+    """
+
+    def __init__(self, urls: Union[str, Sequence[str]], transform: Callable, max_words: int, epoch_samples: int,
+                 shuffle_buffer: int = 1000, seed: int = 0, *, batch_size: int = 1,
+                 resampled: bool = True, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+        super().__init__()
+        self.urls = expand_urls(urls)
+        missing = [u for u in self.urls if _is_local(u) and not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shard(s) do not exist, e.g. "
+                                    + ", ".join(missing[:3]))
+        self.transform, self.max_words = transform, max_words
+        self.rank = du.get_rank() if rank is None else rank
+        self.world_size = du.get_world_size() if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if batch_size < 1 or shuffle_buffer < 0:
+            raise ValueError(f"batch_size must be >= 1 and shuffle_buffer >= 0, got {batch_size}, {shuffle_buffer}")
+        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.epoch_samples = epoch_samples
+        self.steps = epoch_samples // (batch_size * self.world_size)
+        if self.steps < 1:
+            raise ValueError(f"train_samples_per_epoch {epoch_samples} gives no whole batch per rank (batch "
+                             f"{batch_size} x {self.world_size} ranks)")
+        self.resampled = resampled
+        self.max_image_pixels = max_image_pixels
+        # [epoch, start batch]: shared memory, so that persistent loader workers see set_epoch / set_start
+        self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    # ------------------------------------------------------------------------------------------------ epoch control
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    @property
+    def start_batches(self) -> int:
+        return int(self._state[1])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's streams; resets the start offset to 0."""
+        self._state[0] = int(epoch)
+        self._state[1] = 0
+
+    def set_start(self, num_samples: int) -> None:
+        """Skip this rank's first ``num_samples`` samples (a multiple of ``batch_size``) of the current epoch."""
+        if num_samples % self.batch_size or not 0 <= num_samples <= self.steps * self.batch_size:
+            raise ValueError(f"start offset {num_samples} is not a whole number of batches of {self.batch_size} "
+                             f"within this rank's {self.steps * self.batch_size} samples")
+        self._state[1] = num_samples // self.batch_size
+
+    def __len__(self) -> int:
+        """This rank's samples in the current epoch from the start offset on (``steps * batch_size`` without one)."""
+        return (self.steps - self.start_batches) * self.batch_size
+
+    # ------------------------------------------------------------------------------------------------ the stream
+    def stream_key(self, epoch: int, worker: int, workers: int) -> Tuple[int, ...]:
+        return (self.seed, epoch, self.rank, self.world_size, worker, workers)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        # Not a generator function: the epoch and offset are read now, when the loader creates its iterator.
+        epoch, start = self.epoch, self.start_batches
+        physical, workers = _worker()
+        # The DataLoader takes batches round-robin starting at worker 0, so after a resume at batch `start` the
+        # physical worker p makes batches start + p, start + p + W, ...: those of logical worker (p + start) % W,
+        # whose stream (seeds included) it therefore reads.
+        worker = (physical + start) % workers
+        key = self.stream_key(epoch, worker, workers)
+        batches = _batches_of_worker(self.steps, worker, workers)
+        skipped = _batches_of_worker(start, worker, workers)  # batches j < start with j % W == worker
+        count = (batches - skipped) * self.batch_size
+        if count <= 0:
+            return iter(())
+        return self._pipeline(key, worker, workers, skipped * self.batch_size, count)
+
+    def _pipeline(self, key: Tuple[int, ...], worker: int, workers: int, skip: int, count: int):
+        import webdataset as wds
+
+        if self.resampled:
+            shards = wds.ResampledShards(self.urls, seed=0, worker_seed=lambda: stream_seed("shards", *key),
+                                         deterministic=True)
+        else:
+            share = self.urls[self.rank::self.world_size][worker::workers]
+            if not share:
+                return iter(())
+            shards = wds.SimpleShardList(share, seed=stream_seed("shard-order", *key))
+        stages: List[Any] = [shards, wds.tarfile_to_samples()]
+        if self.shuffle_buffer > 1:
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                      seed=stream_seed("shuffle", *key)))
+        stages.append(lambda src: self._decode(src, key, skip))
+        pipeline = wds.DataPipeline(*stages)
+        if self.resampled:
+            return iter(pipeline.with_epoch(count))  # count > 0 here: with_epoch(0) would never end
+        return iter(wds.DataPipeline(pipeline, wds.slice(count)))
+
+    def _decode(self, src: Iterable[Dict[str, Any]], key: Tuple[int, ...], skip: int) -> Iterator[Dict[str, Any]]:
+        bad: List[str] = []
+        bad_in_a_row = 0
+        for position, raw in enumerate(src):
+            if position < skip:
+                continue  # resumed epoch: skipped without decoding (module docstring)
+            meta, caption, data, where = self._parse(raw)
+            with _SeededRNG(stream_seed("sample", *key, position)):
+                try:
+                    image = load_rgb(io.BytesIO(data), self.max_image_pixels)
+                except BadImageError as e:
+                    bad.append(f"{where}: {e.reason}" + (f" ({e.detail})" if e.detail else ""))
+                    bad_in_a_row += 1
+                    if bad_in_a_row >= MAX_BAD_IN_A_ROW:
+                        raise RuntimeError(f"{bad_in_a_row} bad images in a row in the shard stream, the last "
+                                           f"{bad[-1]}; check the shards ({self.urls[0]}, ...)") from e
+                    continue
+                if isinstance(caption, list):
+                    caption = random.choice(caption)
+                sample = {"image": self.transform(image), "caption": pre_caption(caption, self.max_words),
+                          "bad_images": bad}
+            bad, bad_in_a_row = [], 0
+            yield sample
+
+    @staticmethod
+    def _parse(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], Union[str, List[str]], bytes, str]:
+        """``(json metadata, caption(s), image bytes, description for messages)`` of a raw tar sample."""
+        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        meta: Dict[str, Any] = {}
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except ValueError as e:
+                raise ValueError(f"{where}: the json member is not valid JSON ({e})") from e
+            if not isinstance(meta, dict):
+                raise ValueError(f"{where}: the json member is not an object")
+        if "image_path" in meta or "image" in meta:
+            where += f" ({meta.get('image_path', meta.get('image'))})"
+        caption = meta.get("caption")
+        if caption is None and "txt" in raw:
+            caption = raw["txt"].decode("utf-8")
+        if not (isinstance(caption, str) or (isinstance(caption, list) and caption
+                                             and all(isinstance(c, str) for c in caption))):
+            raise ValueError(f"{where}: no caption (a string or a non-empty list in json 'caption', or a txt member)")
+        data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+        if data is None:
+            raise ValueError(f"{where}: no image member ({'/'.join(IMAGE_KEYS)}); members: "
+                             f"{sorted(k for k in raw if not k.startswith('__'))}")
+        return meta, caption, data, where
+
+
+class ShardSampler:
+    """What the engine calls a sampler for a shard loader: ``set_epoch`` / ``set_start`` forward to the
+    :class:`ShardDataset`; ``len()`` is its current length in samples."""
+
+    def __init__(self, dataset: ShardDataset):
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def set_start(self, num_samples: int) -> None:
+        self.dataset.set_start(num_samples)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def create_shard_loader(urls: Union[str, Sequence[str]], transform: Callable, max_words: int, batch_size: int,
+                        num_workers: int, seed: int, epoch_samples: int, collate_fn: Optional[Callable] = None,
+                        shuffle_buffer: int = 1000, *, persistent_workers: bool = True, prefetch_factor: int = 2,
+                        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[DataLoader, ShardSampler]:
+    """The training loader over shards: ``(loader, sampler)`` with ``len(loader)`` = ``epoch_samples //
+    (batch_size * world_size)`` batches per rank, every one of ``batch_size`` samples; ``sampler.set_epoch(e)``
+    every epoch (the engine does) and ``sampler.set_start(n)`` to resume inside one. Raises ``ValueError`` when
+    ``epoch_samples`` gives no whole batch per rank, ``FileNotFoundError`` for a missing local shard."""
+    from dataset.sampling import ignore_stop_signals, shutdown_workers_at_exit
+
+    dataset = ShardDataset(urls, transform, max_words, epoch_samples, shuffle_buffer, seed, batch_size=batch_size,
+                           max_image_pixels=max_image_pixels)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
+                        pin_memory=torch.cuda.is_available(), drop_last=True,
+                        generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG
+                        worker_init_fn=ignore_stop_signals if num_workers else None,
+                        persistent_workers=persistent_workers and num_workers > 0,
+                        prefetch_factor=prefetch_factor if num_workers else None)
+    if num_workers and persistent_workers:
+        shutdown_workers_at_exit(loader)
+    return loader, ShardSampler(dataset)
