@@ -115,14 +115,16 @@ def extract_all(model, image_loader, texts: Sequence[str], tokenizer, device: to
 
 def _rerank(model, queries: torch.Tensor, sim: torch.Tensor, k: int, pair_fn, rows_per_call: int,
             score: str) -> torch.Tensor:
-    """For each query row, ITM-score its top-k candidates by ITC (many rows per fusion call); -100 elsewhere."""
+    """For each query row, ITM-score its top-k candidates by ITC (many rows per fusion call); -100 elsewhere.
+    ``pair_fn`` gives the pairs' text states and masks, the distinct images of the call and each pair's image index
+    into them: the fusion layers project each distinct image's keys/values once per call."""
     out = torch.full_like(sim, -100.0)
     k = min(k, sim.shape[1])
     for start in range(0, len(queries), rows_per_call):
         rows = queries[start:start + rows_per_call]
         top_sim, top_idx = sim[rows].topk(k, dim=1)
-        text_embeds, text_mask, image_embeds = pair_fn(rows, top_idx)
-        fused = model.fuse(text_embeds, text_mask, image_embeds)
+        text_embeds, text_mask, image_embeds, image_index = pair_fn(rows, top_idx)
+        fused = model.fuse(text_embeds, text_mask, image_embeds, image_index=image_index)
         itm = model.itm_logits(fused)[:, 1].float().view(len(rows), k)
         if score == "itm+itc":
             itm = itm + top_sim
@@ -153,17 +155,18 @@ def itm_rerank_scores(model, image_loader, texts: Sequence[str], tokenizer, devi
         step = -(-n // world)
         return torch.arange(rank * step, min(n, (rank + 1) * step), device=device)
 
-    def i2t_pairs(rows, top_idx):  # image rows, candidate texts
+    def i2t_pairs(rows, top_idx):  # image rows (each image once), candidate texts
         k = top_idx.shape[1]
-        img = i_embeds[rows.cpu()].to(device).repeat_interleave(k, dim=0)
+        img = i_embeds[rows.cpu()].to(device)
+        index = torch.arange(len(rows), device=device).repeat_interleave(k)
         flat = top_idx.reshape(-1).cpu()
-        return t_embeds[flat].to(device), t_masks[flat].to(device), img
+        return t_embeds[flat].to(device), t_masks[flat].to(device), img, index
 
-    def t2i_pairs(rows, top_idx):  # text rows, candidate images
+    def t2i_pairs(rows, top_idx):  # text rows, candidate images (each distinct image of the call once)
         k = top_idx.shape[1]
-        flat = top_idx.reshape(-1).cpu()
+        distinct, index = torch.unique(top_idx.reshape(-1).cpu(), return_inverse=True)
         r = rows.cpu().repeat_interleave(k)
-        return t_embeds[r].to(device), t_masks[r].to(device), i_embeds[flat].to(device)
+        return t_embeds[r].to(device), t_masks[r].to(device), i_embeds[distinct].to(device), index.to(device)
 
     i2t = _rerank(model, shard(sim.shape[0]), sim, k_test, i2t_pairs, rows_per_call, score)
     t2i = _rerank(model, shard(sim.shape[1]), sim.T.contiguous(), k_test, t2i_pairs, rows_per_call, score)

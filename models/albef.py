@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.bert import BertConfig, BertForMaskedLM, BertModel, init_bert_weights
+from models.bert import BertConfig, BertForMaskedLM, BertModel, EncoderKV, init_bert_weights
 from models.momentum import MomentumMixin
-from models.losses import distill_targets, itc_loss, mask_tokens, mlm_loss, sample_hard_negatives
+from models.losses import distill_targets, fp32_math, itc_loss, mask_tokens, mlm_loss, sample_hard_negatives
 from models.vit import VisionConfig, create_vit
 from utils.distributed import all_gather_no_grad
 
@@ -75,7 +75,14 @@ def _trunc_normal_init(module: nn.Linear, std: float = 0.02) -> None:
 
 class ALBEFBase(MomentumMixin, nn.Module):
     """What every ALBEF variant with ITC + ITM shares: encoders, projections, ``temp``, ``itm_head``, the momentum
-    copies and the feature queues. Subclasses choose the text encoder class and the objectives."""
+    copies and the feature queues. Subclasses choose the text encoder class and the objectives.
+
+    ``reuse_image_kv`` (default True): the student's fusion layers project the batch's image tokens to
+    cross-attention keys/values once per step and every fusion pass (ITM positives, ITM hard negatives, MLM)
+    gathers its rows from them; False projects them in each pass (the original's computation; equal losses and
+    gradients to float32 rounding)."""
+
+    reuse_image_kv = True
 
     def __init__(self, cfg: ALBEFConfig, text_encoder: nn.Module):
         super().__init__()
@@ -116,11 +123,21 @@ class ALBEFBase(MomentumMixin, nn.Module):
         embeds = self._bert(enc)(input_ids, attention_mask, mode="text")
         return Encoded(embeds, F.normalize(proj(embeds[:, 0, :]).float(), dim=-1))
 
-    def fuse(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
-             ) -> torch.Tensor:
-        """Fusion layers over text-encoder states, cross-attending to image tokens: [B, L, D]."""
+    def fuse(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: Optional[torch.Tensor] = None,
+             image_index: Optional[torch.Tensor] = None, image_kv: Optional[EncoderKV] = None) -> torch.Tensor:
+        """Fusion layers over text-encoder states, cross-attending to image tokens: [B, L, D].
+
+        ``image_embeds`` [B, N, width] (one image per row), or the distinct images [n, N, width] with
+        ``image_index`` [B] (row b reads image ``image_index[b]``; their keys/values are projected once per layer),
+        or ``image_kv`` (:meth:`image_kv` of the distinct images) with ``image_index`` (None: row b reads image b)."""
         return self._bert(self.text_encoder)(encoder_embeds=text_embeds, attention_mask=attention_mask,
-                                             encoder_hidden_states=image_embeds, mode="fusion")
+                                             encoder_hidden_states=image_embeds, mode="fusion", encoder_kv=image_kv,
+                                             image_index=image_index)
+
+    def image_kv(self, image_embeds: torch.Tensor) -> EncoderKV:
+        """The student fusion layers' cross-attention keys/values of image tokens [n, N, width], computed once (with
+        autograd when enabled) for :meth:`fuse` / the MLM pass to gather from."""
+        return self._bert(self.text_encoder).cross_attention_kv(image_embeds, mode="fusion")
 
     def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
         return self.itm_head(fused[:, 0, :])
@@ -144,17 +161,28 @@ class ALBEFBase(MomentumMixin, nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + n * ok.long()) % size)
 
     def _itm_loss(self, txt: "Encoded", img: "Encoded", attention_mask: torch.Tensor, sim_i2t: torch.Tensor,
-                  sim_t2i: torch.Tensor, same: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """ITM on 1 positive + 2 hard negatives per pair (an image per text, a text per image)."""
+                  sim_t2i: torch.Tensor, same: torch.Tensor, generator: Optional[torch.Generator],
+                  image_kv: Optional[EncoderKV] = None) -> torch.Tensor:
+        """ITM on 1 positive + 2 hard negatives per pair (an image per text, a text per image). ``image_kv``: the
+        fusion layers' keys/values of ``img.embeds`` (computed here when ``reuse_image_kv`` and not given)."""
         bs = txt.embeds.shape[0]
-        fused_pos = self.fuse(txt.embeds, attention_mask, img.embeds)
+        if image_kv is None and self.reuse_image_kv:
+            image_kv = self.image_kv(img.embeds)
+        if image_kv is not None:
+            fused_pos = self.fuse(txt.embeds, attention_mask, image_kv=image_kv)
+        else:
+            fused_pos = self.fuse(txt.embeds, attention_mask, img.embeds)
         with torch.no_grad():
             neg_image_idx = sample_hard_negatives(sim_t2i[:, :bs], same, generator)
             neg_text_idx = sample_hard_negatives(sim_i2t[:, :bs], same, generator)
         text_embeds_all = torch.cat([txt.embeds, txt.embeds[neg_text_idx]], dim=0)
         text_atts_all = torch.cat([attention_mask, attention_mask[neg_text_idx]], dim=0)
-        image_embeds_all = torch.cat([img.embeds[neg_image_idx], img.embeds], dim=0)
-        fused_neg = self.fuse(text_embeds_all, text_atts_all, image_embeds_all)
+        if image_kv is not None:  # rows: [negative image per text; own image per negative text]
+            image_index = torch.cat([neg_image_idx, torch.arange(bs, device=neg_image_idx.device)])
+            fused_neg = self.fuse(text_embeds_all, text_atts_all, image_index=image_index, image_kv=image_kv)
+        else:
+            image_embeds_all = torch.cat([img.embeds[neg_image_idx], img.embeds], dim=0)
+            fused_neg = self.fuse(text_embeds_all, text_atts_all, image_embeds_all)
         itm_logits = self.itm_logits(torch.cat([fused_pos[:, :1], fused_neg[:, :1]], dim=0))
         itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=itm_logits.device)
         itm_labels[:bs] = 1
@@ -169,25 +197,31 @@ class ALBEFBase(MomentumMixin, nn.Module):
             self.momentum_update()
             img_m = self.encode_image(image, momentum=True)
             txt_m = self.encode_text(input_ids, attention_mask, momentum=True)
-            image_feat_all = torch.cat([img_m.feat.T, self.image_queue.clone()], dim=1)
-            text_feat_all = torch.cat([txt_m.feat.T, self.text_queue.clone()], dim=1)
-            if positives is None:
-                positives = torch.zeros(img_m.feat.shape[0], image_feat_all.shape[1], device=image.device)
-                positives.fill_diagonal_(1)
-            if distill:
-                targets_i2t = distill_targets(img_m.feat @ text_feat_all / temp, positives, alpha)
-                targets_t2i = distill_targets(txt_m.feat @ image_feat_all / temp, positives, alpha)
-            else:
-                targets_i2t = targets_t2i = positives
+            with fp32_math(image.device):  # similarities and targets in float32, also under autocast
+                # (cat copies: the queues need no clone)
+                image_feat_all = torch.cat([img_m.feat.T, self.image_queue.float()], dim=1)
+                text_feat_all = torch.cat([txt_m.feat.T, self.text_queue.float()], dim=1)
+                if positives is None:
+                    positives = torch.zeros(img_m.feat.shape[0], image_feat_all.shape[1], device=image.device)
+                    positives.fill_diagonal_(1)
+                if distill:
+                    targets_i2t = distill_targets(img_m.feat @ text_feat_all / temp, positives, alpha)
+                    targets_t2i = distill_targets(txt_m.feat @ image_feat_all / temp, positives, alpha)
+                else:
+                    targets_i2t = targets_t2i = positives
         loss, sim_i2t, sim_t2i = itc_loss(img.feat, txt.feat, image_feat_all, text_feat_all, temp, targets_i2t,
                                           targets_t2i)
         return loss, sim_i2t, sim_t2i, img_m, txt_m
 
 
 class ALBEF(ALBEFBase):
-    """Pre-training model. ``forward(image, input_ids, attention_mask, alpha)`` returns a dict of losses."""
+    """Pre-training model. ``forward(image, input_ids, attention_mask, alpha)`` returns a dict of losses.
+
+    ``sparse_mlm`` (default True): the MLM head (student and teacher) runs only at the masked positions; False
+    computes the full ``[B, L, vocab]`` logits as the original (equal loss and gradients to float32 rounding)."""
 
     layout = "pretrain"
+    sparse_mlm = True
 
     def __init__(self, cfg: ALBEFConfig):
         super().__init__(cfg, BertForMaskedLM(cfg.bert))
@@ -218,17 +252,26 @@ class ALBEF(ALBEFBase):
         self._dequeue_and_enqueue(img_m.feat, txt_m.feat)
 
         same = torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
-        loss_itm = self._itm_loss(txt, img, attention_mask, sim_i2t, sim_t2i, same, generator)
+        # The student's fusion-layer keys/values of the B images, shared by the ITM and MLM passes.
+        image_kv = self.image_kv(img.embeds) if self.reuse_image_kv else None
+        loss_itm = self._itm_loss(txt, img, attention_mask, sim_i2t, sim_t2i, same, generator, image_kv)
 
         # ---- MLM conditioned on the image, distilled from the momentum model
         cfg = self.cfg
         masked_ids, labels = mask_tokens(input_ids, cfg.bert.vocab_size, cfg.mask_token_id, cfg.pad_token_id,
                                          cfg.cls_token_id, cfg.mlm_probability, generator)
+        # Sparse head: only the masked positions (one host sync); their rows of the full logits.
+        positions = labels.ne(-100).nonzero(as_tuple=True) if self.sparse_mlm else None
         with torch.no_grad():
-            logits_m = self.text_encoder_m(masked_ids, attention_mask, encoder_hidden_states=img_m.embeds)
+            logits_m = self.text_encoder_m(masked_ids, attention_mask, encoder_hidden_states=img_m.embeds,
+                                           positions=positions)
             soft_labels = F.softmax(logits_m.float(), dim=-1)
-        logits = self.text_encoder(masked_ids, attention_mask, encoder_hidden_states=img.embeds)
-        loss_mlm = mlm_loss(logits, labels, soft_labels, alpha)
+        if image_kv is not None:
+            logits = self.text_encoder(masked_ids, attention_mask, encoder_kv=image_kv, positions=positions)
+        else:
+            logits = self.text_encoder(masked_ids, attention_mask, encoder_hidden_states=img.embeds,
+                                       positions=positions)
+        loss_mlm = mlm_loss(logits, labels if positions is None else labels[positions], soft_labels, alpha)
         return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}
 
 

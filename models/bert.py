@@ -17,6 +17,13 @@ residual blocks, exact GELU, absolute position embeddings, MLM decoder tied to t
 Attention runs through ``F.scaled_dot_product_attention``. A cross-attention module can be switched to an
 explicit-softmax path (``save_attention = True``) that keeps the attention map and its gradient for
 Grad-CAM.
+
+Cross-attention keys/values can be computed once and reused: :meth:`BertModel.cross_attention_kv` projects a set of
+distinct images to every fusion layer's keys and values (``{layer: (key, value)}``, each ``[n_images, N, D]``,
+with autograd), and ``BertModel.forward(..., encoder_kv=kv, image_index=idx)`` runs rows whose image is
+``idx`` ``[n_rows]`` by gathering those rows instead of projecting ``n_rows`` image-token sets again. Passing
+``image_index`` with plain ``encoder_hidden_states`` (the distinct images) does both in one call. The result is
+the plain path's (``encoder_hidden_states=images[idx]``) to float32 rounding, gradients included.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +101,10 @@ class BertConfig:
         return asdict(self)
 
 
+# Precomputed cross-attention keys and values per fusion layer: {layer index: (key, value)}, each [n_images, N, D].
+EncoderKV = Dict[int, Tuple[torch.Tensor, torch.Tensor]]
+
+
 def _key_padding_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """[B, L] 1/0 mask -> boolean [B, 1, 1, L] (True = attend), the form SDPA broadcasts over heads/queries."""
     if mask is None:
@@ -143,12 +154,27 @@ class BertSelfAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
 
+    def project_kv(self, kv_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [n, N, D] of ``kv_states`` [n, N, width] (before the head split)."""
+        return self.key(kv_states), self.value(kv_states)
+
     def forward(self, hidden_states: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                kv_states: Optional[torch.Tensor] = None) -> torch.Tensor:
-        kv = hidden_states if kv_states is None else kv_states
+                kv_states: Optional[torch.Tensor] = None,
+                kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                kv_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of ``hidden_states`` [n, L, D] to itself, to ``kv_states`` [n, N, width], or to precomputed
+        ``kv`` = (key, value) [m, N, D] (from :meth:`project_kv`); ``kv_index`` [n] picks row ``i``'s key/value set
+        (rows of ``kv``, or of ``kv_states``), None = row ``i`` reads set ``i``."""
+        if kv is None:
+            src = hidden_states if kv_states is None else kv_states
+            if kv_index is not None:
+                src = src.index_select(0, kv_index)
+            kv = self.project_kv(src)
+        elif kv_index is not None:
+            kv = (kv[0].index_select(0, kv_index), kv[1].index_select(0, kv_index))
         q = self._split_heads(self.query(hidden_states))
-        k = self._split_heads(self.key(kv))
-        v = self._split_heads(self.value(kv))
+        k = self._split_heads(kv[0])
+        v = self._split_heads(kv[1])
         dropout_p = self.dropout_p if self.training else 0.0
         if self.save_attention:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
@@ -187,8 +213,10 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, is_cross_attention)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, attn_mask=None, kv_states=None):
-        return self.output(self.self(hidden_states, attn_mask, kv_states), hidden_states)
+    def forward(self, hidden_states, attn_mask=None, kv_states=None, kv=None, kv_index=None):
+        if kv is None and kv_index is None:  # the plain call (as before the K/V reuse)
+            return self.output(self.self(hidden_states, attn_mask, kv_states), hidden_states)
+        return self.output(self.self(hidden_states, attn_mask, kv_states, kv=kv, kv_index=kv_index), hidden_states)
 
 
 class BertIntermediate(nn.Module):
@@ -223,12 +251,16 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, attn_mask=None, encoder_hidden_states=None, encoder_mask=None):
+    def forward(self, hidden_states, attn_mask=None, encoder_hidden_states=None, encoder_mask=None,
+                encoder_kv=None, image_index=None):
+        """``encoder_kv``: this layer's precomputed cross-attention (key, value) [m, N, D], used instead of
+        ``encoder_hidden_states``; ``image_index`` [n]: the image (row of ``encoder_kv`` / ``encoder_hidden_states``)
+        of each row of ``hidden_states``, None = the i-th. ``encoder_mask`` is per row (already indexed)."""
         x = self.attention(hidden_states, attn_mask)
         if self.has_cross_attention:
-            if encoder_hidden_states is None:
+            if encoder_hidden_states is None and encoder_kv is None:
                 raise ValueError("a fusion layer needs encoder_hidden_states (the image tokens)")
-            x = self.crossattention(x, encoder_mask, encoder_hidden_states)
+            x = self.crossattention(x, encoder_mask, encoder_hidden_states, encoder_kv, image_index)
         return self.output(self.intermediate(x), x)
 
 
@@ -248,18 +280,63 @@ class BertEncoder(nn.Module):
             return range(0, total)
         raise ValueError(f"mode must be 'text', 'fusion' or 'multi_modal', got {mode!r}")
 
-    def forward(self, hidden_states, attn_mask=None, encoder_hidden_states=None, encoder_mask=None,
-                mode: str = "multi_modal"):
+    def image_slot(self, i: int, n_images: int) -> int:
+        """Which of ``n_images`` image inputs fusion layer ``i`` reads (NLVR2: layer l reads image (l-f) mod n)."""
+        return (i - self.config.fusion_layer) % n_images
+
+    def cross_attention_kv(self, encoder_hidden_states: Union[torch.Tensor, Sequence[torch.Tensor]],
+                           mode: str = "multi_modal") -> EncoderKV:
+        """Cross-attention (key, value) [n, N, D] of every fusion layer that ``mode`` runs, for image tokens
+        [n, N, width] (or a list, one per image input). Computed with autograd as the caller's grad mode says.
+        Layers sharing their key/value parameters and reading the same tensor share one projection. Under
+        autocast the image tokens are cast once (the casts the projections would do, so the result is equal)."""
+        multi = isinstance(encoder_hidden_states, (list, tuple))
+        images = list(encoder_hidden_states) if multi else [encoder_hidden_states]
+        if torch.is_autocast_enabled(images[0].device.type):
+            dtype = torch.get_autocast_dtype(images[0].device.type)
+            cast = {}
+            for j, x in enumerate(images):
+                if x.is_floating_point() and x.dtype != dtype and x.dtype != torch.float64:
+                    images[j] = cast.setdefault(id(x), x.to(dtype))
+        out: EncoderKV = {}
+        memo = {}
         for i in self.layer_range(mode):
-            enc, enc_mask = encoder_hidden_states, encoder_mask
-            if isinstance(enc, (list, tuple)):  # several images (NLVR2): fusion layer l reads image (l-f) mod n
-                j = (i - self.config.fusion_layer) % len(enc)
-                enc, enc_mask = enc[j], (enc_mask[j] if enc_mask is not None else None)
             layer = self.layer[i]
-            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden_states = checkpoint(layer, hidden_states, attn_mask, enc, enc_mask, use_reentrant=False)
+            if not layer.has_cross_attention:
+                continue
+            attn = layer.crossattention.self
+            x = images[self.image_slot(i, len(images))]
+            key = (id(x), id(attn.key.weight), id(attn.key.bias), id(attn.value.weight), id(attn.value.bias))
+            if key not in memo:
+                memo[key] = attn.project_kv(x)
+            out[i] = memo[key]
+        return out
+
+    def forward(self, hidden_states, attn_mask=None, encoder_hidden_states=None, encoder_mask=None,
+                mode: str = "multi_modal", encoder_kv: Optional[EncoderKV] = None,
+                image_index: Union[torch.Tensor, Sequence[torch.Tensor], None] = None):
+        ckpt = self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for i in self.layer_range(mode):
+            enc, enc_mask, index = encoder_hidden_states, encoder_mask, image_index
+            n_images = (len(enc) if isinstance(enc, (list, tuple)) else
+                        len(index) if isinstance(index, (list, tuple)) else
+                        len(enc_mask) if isinstance(enc_mask, (list, tuple)) else 1)
+            j = self.image_slot(i, n_images)
+            if isinstance(enc, (list, tuple)):  # several images (NLVR2)
+                enc = enc[j]
+            if isinstance(enc_mask, (list, tuple)):
+                enc_mask = enc_mask[j]
+            if isinstance(index, (list, tuple)):
+                index = index[j]
+            kv = encoder_kv.get(i) if encoder_kv is not None else None
+            if kv is not None:
+                enc = None
+            layer = self.layer[i]
+            if ckpt:
+                hidden_states = checkpoint(layer, hidden_states, attn_mask, enc, enc_mask, kv, index,
+                                           use_reentrant=False)
             else:
-                hidden_states = layer(hidden_states, attn_mask, enc, enc_mask)
+                hidden_states = layer(hidden_states, attn_mask, enc, enc_mask, kv, index)
         return hidden_states
 
 
@@ -281,6 +358,8 @@ class BertModel(nn.Module):
         encoder_attention_mask: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
         mode: str = "multi_modal",
         is_decoder: bool = False,
+        encoder_kv: Optional[EncoderKV] = None,
+        image_index: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
     ) -> torch.Tensor:
         """Run the layers that ``mode`` selects.
 
@@ -294,6 +373,12 @@ class BertModel(nn.Module):
             encoder_attention_mask: [B, N] mask of the image tokens; None means all visible.
             mode: ``'text'``, ``'fusion'`` or ``'multi_modal'``.
             is_decoder: causal self-attention (answer decoders).
+            encoder_kv: precomputed cross-attention keys/values (:meth:`cross_attention_kv` of the distinct
+                images), used instead of projecting ``encoder_hidden_states``.
+            image_index: [B] int64, row ``b`` reads image ``image_index[b]`` of ``encoder_kv`` /
+                ``encoder_hidden_states`` / ``encoder_attention_mask`` (which then hold the distinct images); a list
+                for multi-image inputs. None: row ``b`` reads image ``b``. With ``encoder_hidden_states`` and no
+                ``encoder_kv``, each fusion layer projects the distinct images once and gathers.
         """
         x = self.embeddings(input_ids) if encoder_embeds is None else encoder_embeds
         attn_mask = _key_padding_mask(attention_mask)
@@ -301,11 +386,27 @@ class BertModel(nn.Module):
             n = x.shape[1]
             causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[None, None]
             attn_mask = causal if attn_mask is None else attn_mask & causal
+        if image_index is not None and encoder_kv is None and encoder_hidden_states is not None:
+            encoder_kv = self.cross_attention_kv(encoder_hidden_states, mode)
         if isinstance(encoder_attention_mask, (list, tuple)):
             enc_mask = [_key_padding_mask(m) for m in encoder_attention_mask]
+            if image_index is not None:
+                idx = image_index if isinstance(image_index, (list, tuple)) else [image_index] * len(enc_mask)
+                enc_mask = [m if m is None else m.index_select(0, t) for m, t in zip(enc_mask, idx)]
         else:
             enc_mask = _key_padding_mask(encoder_attention_mask)
-        return self.encoder(x, attn_mask, encoder_hidden_states, enc_mask, mode)
+            if enc_mask is not None and image_index is not None:
+                if isinstance(image_index, (list, tuple)):
+                    enc_mask = [enc_mask.index_select(0, t) for t in image_index]
+                else:
+                    enc_mask = enc_mask.index_select(0, image_index)
+        return self.encoder(x, attn_mask, encoder_hidden_states, enc_mask, mode, encoder_kv, image_index)
+
+    def cross_attention_kv(self, encoder_hidden_states: Union[torch.Tensor, Sequence[torch.Tensor]],
+                           mode: str = "multi_modal") -> EncoderKV:
+        """Per-layer cross-attention (key, value) of the distinct images, for ``encoder_kv`` (see
+        :meth:`BertEncoder.cross_attention_kv`)."""
+        return self.encoder.cross_attention_kv(encoder_hidden_states, mode)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -353,10 +454,19 @@ class BertForMaskedLM(nn.Module):
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                mode: str = "multi_modal") -> torch.Tensor:
-        """MLM logits [B, L, vocab] of the full text + fusion stack on (possibly masked) ``input_ids``."""
+                mode: str = "multi_modal", encoder_kv: Optional[EncoderKV] = None,
+                image_index: Optional[torch.Tensor] = None,
+                positions: Optional[Tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
+        """MLM logits [B, L, vocab] of the full text + fusion stack on (possibly masked) ``input_ids``.
+
+        ``positions`` (index tensors into [B, L], e.g. ``labels.ne(-100).nonzero(as_tuple=True)``): the head runs
+        only there and the logits are [M, vocab], those rows of the full logits. ``encoder_kv`` / ``image_index``:
+        see :meth:`BertModel.forward`."""
         hidden = self.bert(input_ids, attention_mask, encoder_hidden_states=encoder_hidden_states,
-                           encoder_attention_mask=encoder_attention_mask, mode=mode)
+                           encoder_attention_mask=encoder_attention_mask, mode=mode, encoder_kv=encoder_kv,
+                           image_index=image_index)
+        if positions is not None:
+            hidden = hidden[positions]
         return self.cls(hidden)
 
 
@@ -366,9 +476,11 @@ class BertLMHeadModel(BertForMaskedLM):
     Position ``t``'s logits predict token ``t + 1``."""
 
     def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                mode: str = "multi_modal") -> torch.Tensor:
+                mode: str = "multi_modal", encoder_kv: Optional[EncoderKV] = None,
+                image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         hidden = self.bert(input_ids, attention_mask, encoder_hidden_states=encoder_hidden_states,
-                           encoder_attention_mask=encoder_attention_mask, mode=mode, is_decoder=True)
+                           encoder_attention_mask=encoder_attention_mask, mode=mode, is_decoder=True,
+                           encoder_kv=encoder_kv, image_index=image_index)
         return self.cls(hidden)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from models.albef import ALBEFConfig
 from models.bert import BertConfig, BertModel, init_bert_weights, tie_cross_attention_kv
+from models.losses import fp32_math
 from models.momentum import MomentumMixin
 from models.vit import create_vit
 
@@ -137,10 +138,16 @@ class ALBEFTextAssignment(MomentumMixin, nn.Module):
     def no_weight_decay(self) -> set:
         return set()
 
-    def assign_logits(self, image_embeds: Sequence[torch.Tensor], input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, 3] logits: the caption matches image 0 / image 1 / neither, for image token states (img0, img1)."""
-        hidden = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=list(image_embeds))
+    def assign_logits(self, image_embeds, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      image_index: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """[B, 3] logits: the caption matches image 0 / image 1 / neither, for image token states (img0, img1), or
+        for the batch's distinct images [n, N, width] with ``image_index`` = (img0, img1) index tensors [B]: then each
+        pair of fusion layers (one shared key/value projection) projects every distinct image once and gathers."""
+        if image_index is not None:
+            hidden = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_embeds,
+                                       image_index=list(image_index))
+        else:
+            hidden = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=list(image_embeds))
         return self.ta_head(hidden[:, 0, :])
 
     @torch.no_grad()
@@ -148,7 +155,8 @@ class ALBEFTextAssignment(MomentumMixin, nn.Module):
         """Sampling weights over the other images of the batch: ``softmax(v v^T / 0.07)`` with a zero diagonal,
         ``v`` the normalised ``vision_proj`` of each image's [CLS] (as the original: fixed 0.07, not ``temp``)."""
         feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
-        weights = F.softmax(feat @ feat.T / 0.07, dim=1).fill_diagonal_(0)
+        with fp32_math(feat.device):  # similarities in float32, also under autocast
+            weights = F.softmax(feat @ feat.T / 0.07, dim=1).fill_diagonal_(0)
         # Non-finite features (a diverged step) give nan rows, which torch.multinomial rejects: such rows become
         # uniform over the other images, without a host sync. Finite rows are left exactly as they are.
         others = torch.ones_like(weights).fill_diagonal_(0)
@@ -188,5 +196,5 @@ class ALBEFTextAssignment(MomentumMixin, nn.Module):
         """``{"loss_ta": CE}`` of the 3-way assignment for pairs drawn from the batch (see :meth:`sample_assignments`)."""
         embeds = self.visual_encoder(image)
         img0, img1, label = self.sample_assignments(self.pair_weights(embeds), generator)
-        logits = self.assign_logits((embeds[img0], embeds[img1]), input_ids, attention_mask)
+        logits = self.assign_logits(embeds, input_ids, attention_mask, image_index=(img0, img1))
         return {"loss_ta": F.cross_entropy(logits.float(), label)}

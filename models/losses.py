@@ -1,14 +1,24 @@
 """ALBEF's objectives as plain functions: ITC with momentum distillation, ITM hard negatives, MLM masking and loss.
 
 Everything here is vectorised (no per-sample Python loops, no host syncs), so it is safe inside the
-training step and under ``torch.compile``. Probabilities and logits are computed in float32.
+training step and under ``torch.compile``. Probabilities and logits are computed in float32 (the ITC
+similarities with autocast switched off, so a bf16/fp16 autocast region does not quantise them).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+
+def fp32_math(device: torch.device):
+    """A context in which autocast is off on ``device`` (so float32 operands give float32 matmuls)."""
+    kind = torch.device(device).type
+    if torch.amp.is_autocast_available(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -17,8 +27,9 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def distill_targets(teacher_logits: torch.Tensor, hard_targets: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Momentum-distillation targets ``alpha * softmax(teacher) + (1 - alpha) * hard_targets``."""
-    return alpha * F.softmax(teacher_logits.float(), dim=1) + (1 - alpha) * hard_targets
+    """Momentum-distillation targets ``alpha * softmax(teacher) + (1 - alpha) * hard_targets`` (float32)."""
+    with fp32_math(teacher_logits.device):
+        return alpha * F.softmax(teacher_logits.float(), dim=1) + (1 - alpha) * hard_targets
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_all: torch.Tensor,
@@ -33,11 +44,13 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_all: 
         targets_i2t, targets_t2i: [B, B + Q] target distributions.
 
     Returns:
-        (loss_ita, sim_i2t, sim_t2i): the loss ``(L_i2t + L_t2i) / 2`` and the student similarities / temp.
+        (loss_ita, sim_i2t, sim_t2i): the loss ``(L_i2t + L_t2i) / 2`` and the student similarities / temp, all
+        float32 (computed with autocast off).
     """
-    sim_i2t = image_feat.float() @ text_feat_all / temp
-    sim_t2i = text_feat.float() @ image_feat_all / temp
-    loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+    with fp32_math(image_feat.device):
+        sim_i2t = image_feat.float() @ text_feat_all.float() / temp
+        sim_t2i = text_feat.float() @ image_feat_all.float() / temp
+        loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
     return loss, sim_i2t, sim_t2i
 
 

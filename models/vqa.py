@@ -64,12 +64,14 @@ class ALBEFVQA(MomentumMixin, nn.Module):
         return enc(input_ids, attention_mask, encoder_hidden_states=vit(image))
 
     def answer_logits(self, answer_ids: torch.Tensor, answer_mask: Optional[torch.Tensor],
-                      question_states: torch.Tensor, question_mask: torch.Tensor, momentum: bool = False
-                      ) -> torch.Tensor:
-        """Decoder logits [N, La, vocab] of answers given (already repeated) question states [N, Lq, D]."""
+                      question_states: torch.Tensor, question_mask: torch.Tensor, momentum: bool = False,
+                      question_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Decoder logits [N, La, vocab] of answers given (already repeated) question states [N, Lq, D], or the
+        distinct questions' states [B, Lq, D] / mask [B, Lq] with ``question_index`` [N] (answer n's question): the
+        decoder then projects each question's cross-attention keys/values once per layer and gathers them."""
         dec = self.text_decoder_m if momentum else self.text_decoder
         return dec(answer_ids, answer_mask, encoder_hidden_states=question_states,
-                   encoder_attention_mask=question_mask)
+                   encoder_attention_mask=question_mask, image_index=question_index)
 
     def forward(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
                 answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
@@ -85,17 +87,18 @@ class ALBEFVQA(MomentumMixin, nn.Module):
         """
         n_answers = answer_ids.shape[0]
         states = self.encode_question(image, question_ids, question_mask)
-        states = torch.repeat_interleave(states, k, dim=0, output_size=n_answers)
-        q_mask = torch.repeat_interleave(question_mask, k, dim=0, output_size=n_answers)
+        # answer a's question (the original repeats the states; the decoder gathers each question's keys/values)
+        q_index = torch.repeat_interleave(torch.arange(image.shape[0], device=k.device), k,
+                                          output_size=n_answers)
         soft_labels = None
         if self.distill:
             with torch.no_grad():
                 self.momentum_update()
                 states_m = self.encode_question(image, question_ids, question_mask, momentum=True)
-                states_m = torch.repeat_interleave(states_m, k, dim=0, output_size=n_answers)
-                logits_m = self.answer_logits(answer_ids, answer_mask, states_m, q_mask, momentum=True)
+                logits_m = self.answer_logits(answer_ids, answer_mask, states_m, question_mask, momentum=True,
+                                              question_index=q_index)
                 soft_labels = F.softmax(logits_m[:, :-1].float(), dim=-1)
-        logits = self.answer_logits(answer_ids, answer_mask, states, q_mask)
+        logits = self.answer_logits(answer_ids, answer_mask, states, question_mask, question_index=q_index)
         nll = answer_nll(logits, answer_ids, self.cfg.pad_token_id, soft_labels, alpha)
         return {"loss_vqa": (weights * nll).sum() / image.shape[0]}
 
@@ -118,10 +121,10 @@ class ALBEFVQA(MomentumMixin, nn.Module):
         topk_probs, topk_ids = p_first.topk(k, dim=1)  # [B, k]
 
         flat = topk_ids.reshape(-1)
-        states = torch.repeat_interleave(question_states, k, dim=0)
-        q_mask = torch.repeat_interleave(question_mask, k, dim=0)
+        q_index = torch.arange(n_q, device=flat.device).repeat_interleave(k)  # each question's K/V once
         cand_ids, cand_mask = answer_ids[flat], answer_mask[flat]
-        nll = answer_nll(self.answer_logits(cand_ids, cand_mask, states, q_mask), cand_ids, self.cfg.pad_token_id)
+        nll = answer_nll(self.answer_logits(cand_ids, cand_mask, question_states, question_mask,
+                                            question_index=q_index), cand_ids, self.cfg.pad_token_id)
         scores = -nll.view(n_q, k)
         if first_token_twice:
             scores = scores + topk_probs.log()
