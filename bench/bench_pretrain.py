@@ -1,122 +1,357 @@
-"""Pre-training step benchmark: steps/s, samples/s and peak memory of a full ALBEF step
-(forward of ITC + ITM + MLM with the momentum model, backward, AdamW step) on random inputs.
+"""Pre-training step benchmark: time, throughput, FLOPs, MFU and peak memory of a full ALBEF step (forward of
+ITC + ITM + MLM with the momentum model, backward, AdamW step).
 
-    python bench/bench_pretrain.py                                  # tiny, small, base on the best device
+    python bench/bench_pretrain.py                                  # tiny, small, base, base-lite on the best device
     python bench/bench_pretrain.py --sizes base --batch-size 64 --precision bf16 --steps 20   # on a GPU
+    python bench/bench_pretrain.py --sizes small-issue --engine     # also through engine.trainer.Trainer._step
+    python bench/bench_pretrain.py --sizes tiny --data synthetic_world data/synthetic   # real loader, data wait
     python bench/bench_pretrain.py --compile                        # with torch.compile
 
-Prints a markdown table; add ``--json FILE`` to keep the numbers.
+Per size (``bench/specs.py``: tiny, small, small-issue, base, and base-lite = base at batch 2) it reports:
+
+* s/step and samples/s: median over the timed steps (``--steps``, after ``--warmup``), on a fixed synthetic batch;
+* GFLOP/sample: one full training step's forward + backward (student and momentum teacher; the optimizer is not
+  counted) under ``torch.utils.flop_counter.FlopCounterMode``, divided by the batch (the MLM head runs at the masked
+  positions only, so the count follows the masking draw: seed 0). The counter sees matmuls,
+  convolutions and attention only (elementwise work is not counted, as usual for MFU); on the CPU the count runs
+  with the math attention kernel, whose matmuls it sees (the fused CPU kernel has no FLOP formula);
+* TFLOP/s achieved = FLOPs per step / s per step, and MFU on a GPU against the peak dense TFLOP/s of the precision
+  (table :data:`PEAK_TFLOPS` by ``torch.cuda.get_device_name()``, or ``--peak_tflops``);
+* peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps, or the process's peak RSS on the CPU (each
+  size runs in its own process when several are asked, so the RSS is that size's);
+* ``--engine``: the same step through ``engine.trainer.Trainer._step`` (divergence guard, gradient norm, scheduler),
+  interleaved with the bare step in blocks, and the engine's overhead;
+* ``--data synthetic_world DIR``: batches from the engine's real loader (``dataset.sampling.create_train_loader``
+  over ``DIR/pretrain.json``, the original augmentation, ``DIR/tokenizer``) instead of the synthetic batch, and
+  the share of the wall time spent waiting for the loader.
+
+Prints a markdown table; ``--json FILE`` keeps the rows.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import os
 import platform
 import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from engine.trainer import autocast_context  # noqa: E402
-from models.albef import ALBEF, ALBEFConfig  # noqa: E402
-from models.bert import BertConfig  # noqa: E402
-from models.vit import VisionConfig  # noqa: E402
+from engine.trainer import autocast_context, move_to  # noqa: E402
+from models.albef import ALBEF  # noqa: E402
 from optim import OptimizerConfig, create_optimizer  # noqa: E402
+from runner_ours import albef_config  # noqa: E402
+from specs import SIZES, default_batch, make_inputs, spec  # noqa: E402
 
-SIZES = {
-    # name: (model config, default batch on CPU, default batch on GPU, text length)
-    "tiny": (ALBEFConfig(image_res=64, vision_width=128, embed_dim=64, queue_size=1024,
-                         vit=VisionConfig(patch_size=8, embed_dim=128, depth=4, num_heads=4),
-                         bert=BertConfig(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                         intermediate_size=512, fusion_layer=2, encoder_width=128,
-                                         max_position_embeddings=64)), 32, 256, 20),
-    "small": (ALBEFConfig(image_res=128, vision_width=384, embed_dim=256, queue_size=4096,
-                          vit=VisionConfig(patch_size=16, embed_dim=384, depth=6, num_heads=6),
-                          bert=BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
-                                          num_attention_heads=6, intermediate_size=1536, fusion_layer=3,
-                                          encoder_width=384)), 8, 128, 25),
-    "base": (ALBEFConfig(), 2, 64, 25),  # the paper's model: ViT-B/16 @ 256 px, BERT-base split 6/6
-}
+# Peak dense tensor-core TFLOP/s (no sparsity): (name pattern, bf16/fp16, fp32). V100 has no bf16: its 125 is fp16.
+PEAK_TFLOPS = [
+    ("H200", 989.0, 67.0),
+    ("H100", 989.0, 67.0),  # SXM
+    ("A100", 312.0, 19.5),
+    ("L40S", 362.0, 91.6),
+    ("RTX 4090", 165.0, 82.6),
+    ("V100", 125.0, 15.7),
+]
+
+
+def peak_tflops(device_name: str, precision: str) -> Optional[float]:
+    """Peak dense TFLOP/s of a known GPU at ``precision`` (None when unknown: give ``--peak_tflops``)."""
+    name = device_name.upper()
+    if "H100" in name and ("PCIE" in name or "NVL" in name):
+        return None  # other clocks and SM counts than the SXM part in the table
+    for pattern, half, single in PEAK_TFLOPS:
+        if pattern.upper() in name:
+            if precision == "fp32":
+                return single
+            if pattern == "V100" and precision == "bf16":
+                return None
+            return half
+    return None
+
+
+def count_flops(model, batch: dict, precision: str, device: torch.device) -> Dict[str, float]:
+    """FLOPs of one training step's forward + backward (no optimizer step): total, and the momentum teacher's modules."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attn = contextlib.nullcontext()
+    if device.type == "cpu":  # the fused CPU attention kernel has no FLOP formula; the math one is matmuls
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        attn = sdpa_kernel(SDPBackend.MATH)
+    counter = FlopCounterMode(display=False)
+    torch.manual_seed(0)  # the sparse MLM head's cost follows the masking draw: count one fixed draw
+    with attn, counter:
+        with autocast_context(precision, device):
+            losses = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=batch["alpha"])
+        sum(losses.values()).backward()
+    model.zero_grad(set_to_none=True)
+    out = {"total": float(counter.get_total_flops())}
+    # Per module only for the momentum teacher: it runs forward only, so its count is its own (the counter's module
+    # attribution of backward FLOPs overlaps between the student's encoders).
+    prefix = type(model).__name__ + "."
+    for key, ops in counter.get_flop_counts().items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name and "." not in name and name.endswith("_m"):
+            out[name] = float(sum(ops.values()))
+    return out
+
+
+class RealBatches:
+    """Endless batches of the engine's training loader over ``DIR/pretrain.json``; ``wait_s`` sums the time spent in
+    ``next()``."""
+
+    def __init__(self, data_dir: str, image_res: int, batch: int, text_len: int, num_workers: int, device):
+        from dataset import CaptionCollator
+        from dataset.caption_dataset import PretrainDataset
+        from dataset.sampling import create_train_loader
+        from dataset.transforms import AugmentConfig, train_transform
+        from models.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+        dataset = PretrainDataset(os.path.join(data_dir, "pretrain.json"), train_transform(image_res, AugmentConfig()))
+        self.loader, self.sampler = create_train_loader(dataset, batch, num_workers, 0,
+                                                        CaptionCollator(self.tokenizer, text_len))
+        self.device, self.epoch, self.wait_s = device, 0, 0.0
+        self.it = iter(self.loader)
+
+    def next(self) -> dict:
+        t = time.perf_counter()
+        try:
+            b = next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            self.sampler.set_epoch(self.epoch)
+            self.it = iter(self.loader)
+            b = next(self.it)
+        b = move_to({k: v for k, v in b.items() if k != "bad_images"}, self.device)
+        self.wait_s += time.perf_counter() - t
+        return b
 
 
 def bench(name: str, batch: int, steps: int, warmup: int, precision: str, device: torch.device,
-          compile_model: bool) -> dict:
-    cfg, _, _, text_len = SIZES[name]
+          compile_model: bool, engine: bool = False, flops: bool = True, data: Optional[List[str]] = None,
+          num_workers: int = 2, peak: Optional[float] = None) -> List[dict]:
+    s = spec(name)
+    real = None
+    overrides = {}
+    if data:
+        kind, data_dir = data
+        if kind != "synthetic_world":
+            raise SystemExit(f"--data {kind}: only synthetic_world is supported")
+        real = RealBatches(data_dir, s["image_res"], batch, s["text_len"], num_workers, device)
+        tok = real.tokenizer
+        if len(tok) > s["vocab_size"]:
+            raise SystemExit(f"{data_dir}/tokenizer has {len(tok)} entries, more than size {name}'s vocabulary")
+        overrides = dict(pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id, mask_token_id=tok.mask_token_id)
     torch.manual_seed(0)
-    model = ALBEF(cfg).to(device)
+    model = ALBEF(albef_config(s, **overrides)).to(device)
     model.train()
     opt = create_optimizer(model, OptimizerConfig())
     module = torch.compile(model) if compile_model else model
-    image = torch.randn(batch, 3, cfg.image_res, cfg.image_res, device=device)
-    ids = torch.randint(5, cfg.bert.vocab_size, (batch, text_len), device=device)
-    ids[:, 0] = cfg.cls_token_id
-    mask = torch.ones_like(ids)
-    mask[: batch // 2, text_len * 2 // 3:] = 0  # some padding, as real batches
-    ids[mask == 0] = cfg.pad_token_id
+    fixed = make_inputs(s, batch, device)
+    alpha = fixed["alpha"]
 
-    def step():
+    def next_batch() -> dict:
+        return fixed if real is None else {**real.next(), "alpha": alpha}
+
+    def bare_step():
+        b = next_batch()
         with autocast_context(precision, device):
-            losses = module(image, ids, mask, alpha=0.4)
+            losses = module(b["image"], b["input_ids"], b["attention_mask"], alpha=b["alpha"])
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss
 
-    for _ in range(warmup):
-        step()
+    modes = {"bare": bare_step}
+    tmp = None
+    if engine:
+        from engine.trainer import StepContext, TrainOptions, Trainer
+        from scheduler import SchedulerConfig, create_scheduler
+
+        tmp = tempfile.TemporaryDirectory(prefix="bench_engine_")
+        total = warmup + steps
+        trainer = Trainer(model, opt, create_scheduler(SchedulerConfig(), opt, total), TrainOptions(
+            precision=precision, compile=compile_model), tmp.name, {}, device, steps_per_epoch=total, batch_size=batch)
+
+        def train_step(mod, b, ctx):
+            return mod(b["image"], b["input_ids"], b["attention_mask"], alpha=b["alpha"])
+
+        # Trainer._step takes one batch, or a list of micro-batches where the engine accumulates gradients
+        micro = next(iter(inspect.signature(trainer._step).parameters)) == "batches"
+
+        def engine_step():
+            ctx = StepContext(0, trainer.global_step, total, trainer.global_step)
+            b = next_batch()
+            losses, _ = trainer._step([b] if micro else b, ctx, train_step)
+            return losses["loss_mlm"]
+
+        modes["engine"] = engine_step
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in modes.values():
+        for _ in range(warmup):
+            fn()
+        sync()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.item()  # wait for the device
+        torch.cuda.reset_peak_memory_stats(device)
+    # timed: rounds of one block per mode (bare, engine, bare, engine, ...), so drift hits both alike
+    rounds = min(3, steps) if engine else 1
+    per_block = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    times: Dict[str, List[float]] = {m: [] for m in modes}
+    waits: Dict[str, float] = {m: 0.0 for m in modes}
+    walls: Dict[str, float] = {m: 0.0 for m in modes}
+    cpus: Dict[str, float] = {m: 0.0 for m in modes}
+    for n in per_block:
+        for m, fn in modes.items():
+            w0 = real.wait_s if real else 0.0
+            c_block = time.process_time()
+            t_block = time.perf_counter()
+            for _ in range(n):
+                t = time.perf_counter()
+                loss = fn()
+                if device.type != "cuda":
+                    loss.detach().item()  # free on the CPU; on CUDA steps stay queued (block times below)
+                times[m].append(time.perf_counter() - t)
+            sync()
+            walls[m] += time.perf_counter() - t_block
+            cpus[m] += time.process_time() - c_block
+            waits[m] += (real.wait_s - w0) if real else 0.0
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    if device.type == "cuda":
-        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     else:
         mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+    fl = count_flops(model, fixed if real is None else {**real.next(), "alpha": alpha}, precision, device) \
+        if flops else None
     params = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    return {"size": name, "params_M": round(params, 1), "batch": batch, "precision": precision,
-            "s_per_step": dt, "steps_per_s": 1 / dt, "samples_per_s": batch / dt, "peak_mem": mem}
+    rows = []
+    for m in modes:
+        # CPU: median of per-step times; CUDA: the blocks' mean (steps are queued asynchronously)
+        dt = statistics.median(times[m]) if device.type != "cuda" else walls[m] / steps
+        row = {"size": name, "params_M": round(params, 1), "batch": batch, "precision": precision, "mode": m,
+               "s_per_step": dt, "steps_per_s": 1 / dt, "samples_per_s": batch / dt, "peak_mem": mem,
+               "step_times_s": times[m] if device.type != "cuda" else None, "device": str(device),
+               "threads": torch.get_num_threads(), "cpu_per_wall": cpus[m] / walls[m],
+               "data": "synthetic" if real is None else data[1]}
+        if fl is not None:
+            row["flops_per_step"] = fl["total"]
+            row["gflops_per_sample"] = fl["total"] / batch / 1e9
+            row["teacher_flops_per_step"] = sum(v for k, v in fl.items() if k != "total")
+            row["teacher_flops_by_module"] = {k: v for k, v in fl.items() if k != "total"}
+            row["tflops_per_s"] = fl["total"] / dt / 1e12
+            row["mfu"] = row["tflops_per_s"] / peak if peak else None
+            row["peak_tflops"] = peak
+        if real is not None:
+            row["data_wait_pct"] = 100 * waits[m] / walls[m]
+        if m == "engine":
+            row["engine_overhead_pct"] = 100 * (dt / rows[0]["s_per_step"] - 1)
+        rows.append(row)
+    if tmp is not None:
+        tmp.cleanup()
+    return rows
+
+
+def _child_argv(args, size: str, json_path: str) -> List[str]:
+    argv = [sys.executable, os.path.abspath(__file__), "--sizes", size, "--in-process", "--json", json_path,
+            "--device", args.device]
+    for flag in ("batch_size", "steps", "warmup", "precision", "peak_tflops", "num_workers", "threads"):
+        v = getattr(args, flag)
+        if v is not None:
+            argv += [f"--{flag.replace('_', '-')}" if flag != "peak_tflops" else "--peak_tflops", str(v)]
+    argv += ["--compile"] * args.compile + ["--engine"] * args.engine + ["--no-flops"] * (not args.flops)
+    if args.data:
+        argv += ["--data", *args.data]
+    return argv
+
+
+def print_table(rows: List[dict], header: str) -> None:
+    print(f"\n{header}\n")
+    print("| size | params (M) | batch | precision | step | s/step | samples/s | GFLOP/sample | TFLOP/s | MFU | "
+          "peak memory | data wait |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gf = f"{r['gflops_per_sample']:.2f}" if "gflops_per_sample" in r else "-"
+        tf = f"{r['tflops_per_s']:.3f}" if "tflops_per_s" in r else "-"
+        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "-"
+        wait = f"{r['data_wait_pct']:.1f} %" if "data_wait_pct" in r else "-"
+        step = r["mode"] + (f" ({r['engine_overhead_pct']:+.1f} %)" if "engine_overhead_pct" in r else "")
+        print(f"| {r['size']} | {r['params_M']} | {r['batch']} | {r['precision']} | {step} | {r['s_per_step']:.3f} | "
+              f"{r['samples_per_s']:.1f} | {gf} | {tf} | {mfu} | {r['peak_mem']} | {wait} |")
+    starved = [f"{r['size']} {r['mode']} ({r['cpu_per_wall']:.2f})" for r in rows
+               if r.get("device") == "cpu" and r["cpu_per_wall"] < 0.7 * r["threads"]]
+    if starved:
+        print(f"\nwarning: other processes held the CPU (CPU time / wall time below 0.7 x threads): "
+              f"{', '.join(starved)}; these times are not the step's")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="tiny,small,base")
-    p.add_argument("--batch-size", type=int, default=None, help="default: per size and device")
+    p.add_argument("--sizes", nargs="+", default=["tiny,small,base,base-lite"],
+                   help=f"comma- or space-separated, of {', '.join(SIZES)}")
+    p.add_argument("--batch-size", type=int, default=None, help="default: per size and device (bench/specs.py)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--engine", action="store_true", help="also time the step through engine.trainer.Trainer._step")
+    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    p.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
+    p.add_argument("--data", nargs=2, metavar=("KIND", "DIR"), default=None,
+                   help="synthetic_world DIR: batches from the engine's loader over DIR/pretrain.json")
+    p.add_argument("--num-workers", type=int, default=None, help="loader workers with --data (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--in-process", action="store_true", help="run every size in this process (RSS accumulates)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [x for s in args.sizes for x in s.split(",") if x]
+    for name in sizes:
+        spec(name)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     precision = args.precision or ("bf16" if gpu else "fp32")
-    rows = []
-    for name in args.sizes.split(","):
-        batch = args.batch_size or SIZES[name][2 if gpu else 1]
-        steps = args.steps or (10 if gpu else 3)
-        warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-        rows.append(bench(name, batch, steps, warmup, precision, device, args.compile))
-        print(f"done {name}", file=sys.stderr, flush=True)
     dev = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()}, " \
                                                          f"{torch.get_num_threads()} threads)"
-    print(f"\nALBEF pre-training step on {dev}, torch {torch.__version__}, compile={args.compile}\n")
-    print("| size | params (M) | batch | precision | s/step | steps/s | samples/s | peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['size']} | {r['params_M']} | {r['batch']} | {r['precision']} | {r['s_per_step']:.3f} | "
-              f"{r['steps_per_s']:.2f} | {r['samples_per_s']:.1f} | {r['peak_mem']} |")
+    peak = args.peak_tflops if args.peak_tflops else (peak_tflops(dev, precision) if gpu else None)
+    rows: List[dict] = []
+    if len(sizes) > 1 and not args.in_process:  # one process per size: a clean peak RSS / allocator per size
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in sizes:
+                path = os.path.join(tmp, f"{name}.json")
+                subprocess.run(_child_argv(args, name, path), check=True, stdout=subprocess.DEVNULL)
+                with open(path) as f:
+                    rows += json.load(f)
+    else:
+        for name in sizes:
+            s = spec(name)
+            batch = args.batch_size or default_batch(s, gpu)
+            steps = args.steps or (10 if gpu else 3)
+            warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+            rows += bench(name, batch, steps, warmup, precision, device, args.compile, args.engine, args.flops,
+                          args.data, args.num_workers if args.num_workers is not None else 2, peak)
+            print(f"done {name}", file=sys.stderr, flush=True)
+    peak_txt = f", MFU against {peak:g} TFLOP/s" if peak else ""
+    print_table(rows, f"ALBEF pre-training step on {dev}, torch {torch.__version__}, compile={args.compile}"
+                      f"{peak_txt}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
