@@ -182,6 +182,20 @@ def time_steps(step, steps: int, warmup: int, threads: int = 1, abort_wait: floa
     return out
 
 
+def count_step_flops(step) -> float:
+    """FLOPs of one more step under ``FlopCounterMode`` (matmuls, convolutions, attention: the optimizer's elementwise
+    update counts nothing), with the math attention kernel so that CPU attention is seen, masking seeded."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    torch.manual_seed(0)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        step()
+    return float(counter.get_total_flops())
+
+
 def worker(args) -> None:
     import torch
 
@@ -196,6 +210,8 @@ def worker(args) -> None:
     step = load_runner(args.runner).build(args.root, s, batch)
     built = time.perf_counter() - t0
     out = time_steps(step, args.steps, args.warmup, torch.get_num_threads(), args.abort_wait or 0.0)
+    if args.flops and not out.get("aborted"):
+        out["gflops_per_sample"] = count_step_flops(step) / args.batch_size / 1e9
     out.update(size=args.size, batch=args.batch_size, threads=torch.get_num_threads(), build_s=built,
                loadavg=[load0, _loadavg()], torch=torch.__version__)
     print("AB_RESULT " + json.dumps(out), flush=True)
@@ -230,7 +246,7 @@ class Side:
             shutil.rmtree(self.worktree, ignore_errors=True)
 
 
-def run_one(side: Side, size: str, args) -> dict:
+def run_one(side: Side, size: str, args, flops: bool = False) -> dict:
     waited = 0.0
     if args.quiet_wait > 0:
         t0 = time.time()
@@ -240,6 +256,7 @@ def run_one(side: Side, size: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--root", side.root, "--runner", side.runner,
            "--size", size, "--batch-size", str(args.batch_size_of(size)), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--abort-wait", str(args.abort_wait)]
+    cmd += ["--flops"] if flops else []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONWARNINGS="ignore")
     p = subprocess.run(cmd, cwd=side.root, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -261,12 +278,15 @@ def compare_size(a: Side, b: Side, size: str, args) -> dict:
     runs_b: List[dict] = []
     rows: List[dict] = []
     budget = args.pairs + args.retries
+    flops: Dict[str, Optional[float]] = {"a": None, "b": None}
     while len(runs_a) < budget:
-        ra = run_one(a, size, args)
+        ra = run_one(a, size, args, args.flops and flops["a"] is None)
         if starved_reason(ra, args.threads, args.min_cpu_share, args.max_wait):  # the pair is lost: save b's time
             rb = {"skipped": "a was starved"}
         else:
-            rb = run_one(b, size, args)
+            rb = run_one(b, size, args, args.flops and flops["b"] is None)
+        for side, r in (("a", ra), ("b", rb)):
+            flops[side] = flops[side] if flops[side] is not None else r.get("gflops_per_sample")
         runs_a.append(ra)
         runs_b.append(rb)
         rows = pair_ratios(runs_a, runs_b, args.threads, args.min_cpu_share, args.max_wait)
@@ -279,7 +299,7 @@ def compare_size(a: Side, b: Side, size: str, args) -> dict:
         if kept >= args.pairs:
             break
     return {"size": size, "batch": args.batch_size_of(size), "rows": rows, "summary": summarize(rows),
-            "runs_a": runs_a, "runs_b": runs_b}
+            "gflops_per_sample": flops, "runs_a": runs_a, "runs_b": runs_b}
 
 
 def print_report(results: List[dict], a: Side, b: Side, args) -> None:
@@ -299,6 +319,10 @@ def print_report(results: List[dict], a: Side, b: Side, args) -> None:
         print(f"\nmedian B/A {fmt(s['median_ratio'])} over {s['kept']} clean pair(s) (range {fmt(s['min_ratio'])}"
               f"-{fmt(s['max_ratio'])}); median A {fmt(s['median_a_s'])} s, B {fmt(s['median_b_s'])} s; "
               f"{s['discarded']} pair(s) discarded")
+        fl = res.get("gflops_per_sample") or {}
+        if any(v is not None for v in fl.values()):
+            print(f"GFLOP per sample (one step's forward + backward, FlopCounterMode): A {fmt(fl.get('a'), '.3f')}, "
+                  f"B {fmt(fl.get('b'), '.3f')}")
 
 
 def main(argv=None):
@@ -322,6 +346,8 @@ def main(argv=None):
                    help="stop a run early once its run-queue wait share exceeds this (default 2 x --max-wait; 0: "
                         "never)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
+    p.add_argument("--flops", action="store_true",
+                   help="also count each side's FLOPs per sample (one extra step in the first clean run)")
     p.add_argument("--json", default=None)
     # worker mode (one process = one side, one size)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
