@@ -110,20 +110,38 @@ def count_flops(model, batch: dict, precision: str, device: torch.device) -> Dic
 
 
 class RealBatches:
-    """Endless batches of the engine's training loader over ``DIR/pretrain.json``; ``wait_s`` sums the time spent in
-    ``next()``."""
+    """Endless batches of the engine's training loader; ``wait_s`` sums the time spent in ``next()``.
 
-    def __init__(self, data_dir: str, image_res: int, batch: int, text_len: int, num_workers: int, device):
+    ``kind``: ``synthetic_world`` (``source`` a folder with ``pretrain.json`` and ``tokenizer/``), ``json`` (a
+    pre-training JSON file) or ``shards`` (a brace pattern of ``tools.make_shards`` tar shards); the last two take
+    the tokenizer folder from ``tokenizer``."""
+
+    def __init__(self, kind: str, source: str, image_res: int, batch: int, text_len: int, num_workers: int, device,
+                 tokenizer: Optional[str] = None):
         from dataset import CaptionCollator
         from dataset.caption_dataset import PretrainDataset
         from dataset.sampling import create_train_loader
         from dataset.transforms import AugmentConfig, train_transform
         from models.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"))
-        dataset = PretrainDataset(os.path.join(data_dir, "pretrain.json"), train_transform(image_res, AugmentConfig()))
-        self.loader, self.sampler = create_train_loader(dataset, batch, num_workers, 0,
-                                                        CaptionCollator(self.tokenizer, text_len))
+        if kind == "synthetic_world":
+            tokenizer, source = os.path.join(source, "tokenizer"), os.path.join(source, "pretrain.json")
+        elif kind not in ("json", "shards"):
+            raise SystemExit(f"--data {kind}: choose synthetic_world, json or shards")
+        elif not tokenizer:
+            raise SystemExit(f"--data {kind} needs --tokenizer DIR")
+        self.tokenizer = load_tokenizer(tokenizer)
+        transform = train_transform(image_res, AugmentConfig())
+        collate = CaptionCollator(self.tokenizer, text_len)
+        if kind == "shards":
+            from dataset.shards import create_shard_loader
+
+            self.loader, self.sampler = create_shard_loader(source, transform, 30, batch, num_workers, 0,
+                                                            batch * 10 ** 6, collate, prefetch_factor=4)
+        else:
+            dataset = PretrainDataset(source, transform)
+            self.loader, self.sampler = create_train_loader(dataset, batch, num_workers, 0, collate,
+                                                            prefetch_factor=4)
         self.device, self.epoch, self.wait_s = device, 0, 0.0
         self.it = iter(self.loader)
 
@@ -143,24 +161,31 @@ class RealBatches:
 
 def bench(name: str, batch: int, steps: int, warmup: int, precision: str, device: torch.device,
           compile_model: bool, engine: bool = False, flops: bool = True, data: Optional[List[str]] = None,
-          num_workers: int = 2, peak: Optional[float] = None) -> List[dict]:
+          num_workers: int = 2, peak: Optional[float] = None, grad_ckpt: bool = False,
+          tokenizer: Optional[str] = None) -> List[dict]:
     s = spec(name)
     real = None
     overrides = {}
     if data:
-        kind, data_dir = data
-        if kind != "synthetic_world":
-            raise SystemExit(f"--data {kind}: only synthetic_world is supported")
-        real = RealBatches(data_dir, s["image_res"], batch, s["text_len"], num_workers, device)
+        kind, source = data
+        real = RealBatches(kind, source, s["image_res"], batch, s["text_len"], num_workers, device, tokenizer)
         tok = real.tokenizer
         if len(tok) > s["vocab_size"]:
-            raise SystemExit(f"{data_dir}/tokenizer has {len(tok)} entries, more than size {name}'s vocabulary")
+            raise SystemExit(f"the tokenizer has {len(tok)} entries, more than size {name}'s vocabulary")
         overrides = dict(pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id, mask_token_id=tok.mask_token_id)
     torch.manual_seed(0)
-    model = ALBEF(albef_config(s, **overrides)).to(device)
+    cfg = albef_config(s, **overrides)
+    if grad_ckpt:  # recompute every ViT block and BERT layer in the backward pass
+        cfg.vit.grad_checkpointing = cfg.bert.grad_checkpointing = True
+    model = ALBEF(cfg).to(device)
     model.train()
     opt = create_optimizer(model, OptimizerConfig())
-    module = torch.compile(model) if compile_model else model
+    compile_s = 0.0
+    if compile_model:  # regional, as the engine's ``compile: true`` (engine.trainer.compile_regions)
+        from engine.trainer import compile_regions
+
+        compile_regions(model)
+    module = model
     fixed = make_inputs(s, batch, device)
     alpha = fixed["alpha"]
 
@@ -207,8 +232,12 @@ def bench(name: str, batch: int, steps: int, warmup: int, precision: str, device
             torch.cuda.synchronize(device)
 
     for fn in modes.values():
-        for _ in range(warmup):
+        t = time.perf_counter()
+        for i in range(warmup):
             fn()
+            if i == 0:
+                sync()
+                compile_s = max(compile_s, time.perf_counter() - t)  # the first step (compilation, if any)
         sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -249,7 +278,9 @@ def bench(name: str, batch: int, steps: int, warmup: int, precision: str, device
                "s_per_step": dt, "steps_per_s": 1 / dt, "samples_per_s": batch / dt, "peak_mem": mem,
                "step_times_s": times[m] if device.type != "cuda" else None, "device": str(device),
                "threads": torch.get_num_threads(), "cpu_per_wall": cpus[m] / walls[m],
-               "data": "synthetic" if real is None else data[1]}
+               "data": "synthetic" if real is None else f"{data[0]} {data[1]}", "grad_ckpt": grad_ckpt,
+               "compile": compile_model, "first_step_s": compile_s,
+               "num_workers": num_workers if real is not None else None}
         if fl is not None:
             row["flops_per_step"] = fl["total"]
             row["gflops_per_sample"] = fl["total"] / batch / 1e9
@@ -271,11 +302,12 @@ def bench(name: str, batch: int, steps: int, warmup: int, precision: str, device
 def _child_argv(args, size: str, json_path: str) -> List[str]:
     argv = [sys.executable, os.path.abspath(__file__), "--sizes", size, "--in-process", "--json", json_path,
             "--device", args.device]
-    for flag in ("batch_size", "steps", "warmup", "precision", "peak_tflops", "num_workers", "threads"):
+    for flag in ("batch_size", "steps", "warmup", "precision", "peak_tflops", "num_workers", "threads", "tokenizer"):
         v = getattr(args, flag)
         if v is not None:
             argv += [f"--{flag.replace('_', '-')}" if flag != "peak_tflops" else "--peak_tflops", str(v)]
     argv += ["--compile"] * args.compile + ["--engine"] * args.engine + ["--no-flops"] * (not args.flops)
+    argv += ["--grad-ckpt"] * args.grad_ckpt
     if args.data:
         argv += ["--data", *args.data]
     return argv
@@ -310,12 +342,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile (each transformer block)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the ViT and BERT")
     p.add_argument("--engine", action="store_true", help="also time the step through engine.trainer.Trainer._step")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
     p.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
-    p.add_argument("--data", nargs=2, metavar=("KIND", "DIR"), default=None,
-                   help="synthetic_world DIR: batches from the engine's loader over DIR/pretrain.json")
+    p.add_argument("--data", nargs=2, metavar=("KIND", "SOURCE"), default=None,
+                   help="batches from the engine's loader: synthetic_world DIR (DIR/pretrain.json), json FILE, or "
+                        "shards PATTERN (these two with --tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for --data json / shards")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers with --data (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--in-process", action="store_true", help="run every size in this process (RSS accumulates)")
@@ -347,7 +382,8 @@ def main(argv=None):
             steps = args.steps or (10 if gpu else 3)
             warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
             rows += bench(name, batch, steps, warmup, precision, device, args.compile, args.engine, args.flops,
-                          args.data, args.num_workers if args.num_workers is not None else 2, peak)
+                          args.data, args.num_workers if args.num_workers is not None else 2, peak,
+                          args.grad_ckpt, args.tokenizer)
             print(f"done {name}", file=sys.stderr, flush=True)
     peak_txt = f", MFU against {peak:g} TFLOP/s" if peak else ""
     print_table(rows, f"ALBEF pre-training step on {dev}, torch {torch.__version__}, compile={args.compile}"
