@@ -27,6 +27,7 @@ class ModelKeys:
     temp: float = 0.07
     queue_size: int = 65536
     momentum: float = 0.995
+    itm_negatives: str = "local"  # ITM hard negatives from this rank's batch (original) or all ranks' (global)
     vit: VisionConfig = field(default_factory=VisionConfig)  # image encoder size (default ViT-B/16)
     text_encoder: Optional[str] = "bert-base-uncased"  # HF name or folder with BERT weights; null = random
     tokenizer: Optional[str] = None  # HF name or folder; default: text_encoder
@@ -46,7 +47,8 @@ class ModelKeys:
         try:
             return ALBEFConfig(image_res=self.image_res, vision_width=self.vision_width, embed_dim=self.embed_dim,
                                temp=self.temp, mlm_probability=mlm_probability, queue_size=self.queue_size,
-                               momentum=self.momentum, vit=self.vit, bert=bert, pad_token_id=tokenizer.pad_token_id,
+                               momentum=self.momentum, itm_negatives=self.itm_negatives, vit=self.vit, bert=bert,
+                               pad_token_id=tokenizer.pad_token_id,
                                cls_token_id=tokenizer.cls_token_id, mask_token_id=tokenizer.mask_token_id)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from e

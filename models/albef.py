@@ -13,9 +13,10 @@ Submodule and buffer names reproduce the original checkpoint layout (``visual_en
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,7 +24,7 @@ from models.bert import BertConfig, BertForMaskedLM, BertModel, EncoderKV, init_
 from models.momentum import MomentumMixin
 from models.losses import distill_targets, fp32_math, itc_loss, mask_tokens, mlm_loss, sample_hard_negatives
 from models.vit import VisionConfig, create_vit
-from utils.distributed import all_gather_no_grad
+from utils.distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
 
 
 @dataclass
@@ -43,6 +44,8 @@ class ALBEFConfig:
     pad_token_id: int = 0
     cls_token_id: int = 101
     mask_token_id: int = 103
+    # ITM hard negatives drawn from this rank's batch (the original) or from all ranks' batches (BLIP's choice)
+    itm_negatives: str = "local"
 
     def __post_init__(self):
         if self.vision_width != self.vit.embed_dim:
@@ -60,6 +63,8 @@ class ALBEFConfig:
             raise ValueError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if not 0 < self.temp < float("inf"):  # also False for nan
             raise ValueError(f"temp must be a finite number > 0, got {self.temp}")
+        if self.itm_negatives not in ("local", "global"):
+            raise ValueError(f"itm_negatives must be 'local' or 'global', got {self.itm_negatives!r}")
 
 
 class Encoded(NamedTuple):
@@ -162,9 +167,12 @@ class ALBEFBase(MomentumMixin, nn.Module):
 
     def _itm_loss(self, txt: "Encoded", img: "Encoded", attention_mask: torch.Tensor, sim_i2t: torch.Tensor,
                   sim_t2i: torch.Tensor, same: torch.Tensor, generator: Optional[torch.Generator],
-                  image_kv: Optional[EncoderKV] = None) -> torch.Tensor:
+                  image_kv: Optional[EncoderKV] = None, feat_m: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                  idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ITM on 1 positive + 2 hard negatives per pair (an image per text, a text per image). ``image_kv``: the
-        fusion layers' keys/values of ``img.embeds`` (computed here when ``reuse_image_kv`` and not given)."""
+        fusion layers' keys/values of ``img.embeds`` (computed here when ``reuse_image_kv`` and not given).
+        With ``itm_negatives: global`` and several ranks, ``feat_m`` (momentum image and text features) and ``idx``
+        (image ids, retrieval; None: each sample is its own image) select negatives among all ranks' samples."""
         bs = txt.embeds.shape[0]
         if image_kv is None and self.reuse_image_kv:
             image_kv = self.image_kv(img.embeds)
@@ -172,6 +180,14 @@ class ALBEFBase(MomentumMixin, nn.Module):
             fused_pos = self.fuse(txt.embeds, attention_mask, image_kv=image_kv)
         else:
             fused_pos = self.fuse(txt.embeds, attention_mask, img.embeds)
+        if self.cfg.itm_negatives == "global" and get_world_size() > 1:
+            if feat_m is None:
+                raise ValueError("itm_negatives: global needs the momentum features (feat_m)")
+            fused_neg = self._fuse_global_negatives(txt, img, attention_mask, feat_m, idx, generator)
+            itm_logits = self.itm_logits(torch.cat([fused_pos[:, :1], fused_neg[:, :1]], dim=0))
+            itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=itm_logits.device)
+            itm_labels[:bs] = 1
+            return F.cross_entropy(itm_logits.float(), itm_labels)
         with torch.no_grad():
             neg_image_idx = sample_hard_negatives(sim_t2i[:, :bs], same, generator)
             neg_text_idx = sample_hard_negatives(sim_i2t[:, :bs], same, generator)
@@ -187,6 +203,42 @@ class ALBEFBase(MomentumMixin, nn.Module):
         itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=itm_logits.device)
         itm_labels[:bs] = 1
         return F.cross_entropy(itm_logits.float(), itm_labels)
+
+    def _fuse_global_negatives(self, txt: "Encoded", img: "Encoded", attention_mask: torch.Tensor,
+                               feat_m: Tuple[torch.Tensor, torch.Tensor], idx: Optional[torch.Tensor],
+                               generator: Optional[torch.Generator]) -> torch.Tensor:
+        """The negative fusion pass with negatives drawn among all ranks' samples (``itm_negatives: global``).
+
+        Weights as the local draw: softmax of this rank's student features against every rank's momentum features
+        over temp, samples of the same image excluded. Image and text token states are gathered with gradient (a
+        negative's gradient flows back to the rank that encoded it, summed over the ranks that drew it); texts are
+        padded to the longest batch of any rank (one small all-reduce and host sync per step). Rows: a negative
+        image per text, then this rank's own image per negative text (as the local pass)."""
+        bs, rank = txt.embeds.shape[0], get_rank()
+        with torch.no_grad(), fp32_math(img.feat.device):
+            image_feat_m, text_feat_m = (all_gather_no_grad(f.float()) for f in feat_m)
+            sim_t2i = txt.feat.float() @ image_feat_m.T / self.temp
+            sim_i2t = img.feat.float() @ text_feat_m.T / self.temp
+            if idx is None:
+                rows = torch.arange(bs, device=sim_t2i.device)
+                same = torch.zeros_like(sim_t2i, dtype=torch.bool)
+                same[rows, rows + rank * bs] = True
+            else:
+                same = idx.view(-1, 1) == all_gather_no_grad(idx.reshape(-1)).view(1, -1)
+            neg_image_idx = sample_hard_negatives(sim_t2i, same, generator, offset=rank * bs)
+            neg_text_idx = sample_hard_negatives(sim_i2t, same, generator, offset=rank * bs)
+        length = torch.tensor([attention_mask.shape[1]], device=attention_mask.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(length, op=dist.ReduceOp.MAX)
+        pad = int(length.item()) - attention_mask.shape[1]
+        text_embeds, text_atts = F.pad(txt.embeds, (0, 0, 0, pad)), F.pad(attention_mask, (0, pad))
+        text_embeds_all = all_gather_with_grad(text_embeds)
+        text_atts_all = all_gather_no_grad(text_atts)
+        image_embeds_all = all_gather_with_grad(img.embeds)
+        text_neg = torch.cat([text_embeds, text_embeds_all[neg_text_idx]], dim=0)
+        atts_neg = torch.cat([text_atts, text_atts_all[neg_text_idx]], dim=0)
+        image_neg = torch.cat([image_embeds_all[neg_image_idx], img.embeds], dim=0)
+        return self.fuse(text_neg, atts_neg, image_neg)
 
     def _itc(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, img: Encoded,
              txt: Encoded, positives: Optional[torch.Tensor], alpha: float, distill: bool = True):
@@ -254,7 +306,8 @@ class ALBEF(ALBEFBase):
         same = torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
         # The student's fusion-layer keys/values of the B images, shared by the ITM and MLM passes.
         image_kv = self.image_kv(img.embeds) if self.reuse_image_kv else None
-        loss_itm = self._itm_loss(txt, img, attention_mask, sim_i2t, sim_t2i, same, generator, image_kv)
+        loss_itm = self._itm_loss(txt, img, attention_mask, sim_i2t, sim_t2i, same, generator, image_kv,
+                                  feat_m=(img_m.feat, txt_m.feat))
 
         # ---- MLM conditioned on the image, distilled from the momentum model
         cfg = self.cfg
@@ -310,5 +363,6 @@ class ALBEFRetrieval(ALBEFBase):
                                                              alpha, self.distill)
         self._dequeue_and_enqueue(img_m.feat, txt_m.feat, idx)
         same = idx == idx.T  # never a caption of the same image as a negative
-        loss_itm = self._itm_loss(txt, img, attention_mask, sim_i2t, sim_t2i, same, generator)
+        loss_itm = self._itm_loss(txt, img, attention_mask, sim_i2t, sim_t2i, same, generator,
+                                  feat_m=(img_m.feat, txt_m.feat), idx=idx)
         return {"loss_ita": loss_ita, "loss_itm": loss_itm}

@@ -54,8 +54,8 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_all: 
     return loss, sim_i2t, sim_t2i
 
 
-def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: Optional[torch.Generator] = None
-                          ) -> torch.Tensor:
+def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: Optional[torch.Generator] = None,
+                          offset: int = 0) -> torch.Tensor:
     """For each row, draw one in-batch negative column with probability ``softmax(sim)`` (ITM hard negatives).
 
     Columns where ``same`` is True (the positive itself, and any other sample of the same image) are never
@@ -68,17 +68,22 @@ def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: Opti
     raising; rows of finite similarities are drawn exactly as before. No host synchronisation.
 
     Args:
-        sim: [B, B] similarities (student query vs in-batch momentum keys, divided by temp).
-        same: [B, B] bool, True where column j must not be a negative for row i.
+        sim: [B, N] similarities (student query vs momentum keys, divided by temp): N = B for the in-batch draw,
+            or all ranks' batches (``itm_negatives: global``), row i's own column being ``offset + i``.
+        same: [B, N] bool, True where column j must not be a negative for row i.
+        offset: the column of row 0's own sample (this rank's first row among all ranks' rows).
     Returns:
-        [B] int64 indices of the sampled negatives.
+        [B] int64 indices (columns) of the sampled negatives.
     """
-    b = sim.shape[0]
+    b, n = sim.shape
     logits = sim.float().masked_fill(same, float("-inf"))
     nothing_allowed = same.all(dim=1, keepdim=True)
     fallback = torch.zeros_like(logits)
-    if b > 1:
-        fallback = fallback.masked_fill(torch.eye(b, dtype=torch.bool, device=sim.device), float("-inf"))
+    if n > 1:
+        rows = torch.arange(b, device=sim.device)
+        own = torch.zeros(b, n, dtype=torch.bool, device=sim.device)
+        own[rows, rows + offset] = True
+        fallback = fallback.masked_fill(own, float("-inf"))
     weights = F.softmax(torch.where(nothing_allowed, fallback, logits), dim=1)
     # torch.multinomial raises (CPU) or misbehaves (CUDA) on nan/inf/negative weights or a zero row: such rows
     # are replaced, without a host sync, by the uniform distribution over the row's allowed columns.

@@ -183,3 +183,13 @@ def test_edge_values_in_range_load(overrides, monkeypatch):
     path = os.path.join("configs", "Pretrain_tiny.yaml")
     cfg = load_config(PretrainConfig, path, overrides)
     cfg.albef_config(_StubTokenizer(), path, cfg.mlm_probability)
+
+
+def test_itm_negatives_key(tmp_path):
+    from models.albef import ALBEFConfig
+
+    p = _write(tmp_path, {"train_file": "a.json", "itm_negatives": "global"})
+    assert load_config(PretrainConfig, p).itm_negatives == "global"
+    assert load_config(PretrainConfig, _write(tmp_path, {"train_file": "a.json"})).itm_negatives == "local"
+    with pytest.raises(ValueError, match="itm_negatives must be 'local' or 'global'"):
+        ALBEFConfig(itm_negatives="globl")

@@ -29,6 +29,14 @@ def test_ddp_gradients_and_queue_are_synchronised():
     assert "OK rank=0" in res.stdout and "OK rank=1" in res.stdout
 
 
+def test_global_hard_negatives_on_two_ranks():
+    """itm_negatives: global: negatives drawn among both ranks' samples (padded texts), losses and DDP-averaged
+    gradients equal to one process's computation over the whole batch (tests/scripts/global_negatives.py)."""
+    res = _torchrun([os.path.join("tests", "scripts", "global_negatives.py")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK rank=0" in res.stdout and "OK rank=1" in res.stdout
+
+
 @pytest.mark.slow
 def test_pretrain_under_torchrun(tmp_path, tiny_config):
     out = tmp_path / "out"
@@ -41,3 +49,20 @@ def test_pretrain_under_torchrun(tmp_path, tiny_config):
     assert (out / "checkpoint_00.pth").exists()
     steps_per_rank = 64 // (2 * 4)
     assert f"{steps_per_rank} steps per epoch per rank" in res.stdout
+
+
+def test_global_hard_negatives_in_one_process_equal_local():
+    """One process: itm_negatives: global is the local draw (same losses, bitwise)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
+    import global_negatives as gn
+
+    image, ids, mask = gn.make_batch()
+    out = {}
+    for mode in ("local", "global"):
+        model = gn.make_model()
+        model.cfg.itm_negatives = mode
+        out[mode] = model(image, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(3))
+    for k in out["local"]:
+        assert torch.equal(out["local"][k], out["global"][k]), k

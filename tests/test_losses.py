@@ -477,3 +477,21 @@ def test_sample_hard_negatives_finite_input_bitwise_as_before(seed):
     for _ in range(20):
         assert torch.equal(sample_hard_negatives(sim, same, ga), _old_sample_hard_negatives(sim, same, gb))
     assert torch.equal(ga.get_state(), gb.get_state())  # the same amount of randomness consumed
+
+
+def test_sample_hard_negatives_rectangular_with_offset():
+    """All ranks' columns (itm_negatives: global): never the own column offset + i, and the fallback of a row with
+    nothing allowed avoids the own column too."""
+    torch.manual_seed(0)
+    b, n, offset = 3, 9, 3
+    sim = torch.randn(b, n)
+    same = torch.zeros(b, n, dtype=torch.bool)
+    same[torch.arange(b), torch.arange(b) + offset] = True
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        idx = sample_hard_negatives(sim, same, g, offset=offset)
+        assert idx.shape == (b,) and not (idx == torch.arange(b) + offset).any()
+    everything = torch.ones(b, n, dtype=torch.bool)
+    for _ in range(50):
+        idx = sample_hard_negatives(sim, everything, g, offset=offset)
+        assert not (idx == torch.arange(b) + offset).any()

@@ -104,6 +104,30 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward gives each rank the sum over ranks of the gradient of its slice
+    (an all-reduce of the gathered gradient, then this rank's rows: every backend has all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = get_rank(), tensor.shape[0]
+        return all_gather_no_grad(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """:func:`all_gather_no_grad` through which gradients flow back to every rank's own rows (summed over the
+    ranks that used them); identity in a single process. Every rank must pass the same shape."""
+    if get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
