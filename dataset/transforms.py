@@ -180,6 +180,18 @@ def train_transform(image_res: int, cfg: AugmentConfig) -> T.Compose:
     return T.Compose(ops + _to_normalized_tensor())
 
 
+def grounding_train_transform(image_res: int, cfg: AugmentConfig) -> T.Compose:
+    """The original's grounding training transform: bicubic resize to a square (no crop: the whole image, where
+    the referred object is), then flip and RandAugment as ``cfg`` says (``crop_scale`` is not used)."""
+    ops: List[T.Transform] = [T.Resize((image_res, image_res), interpolation=T.InterpolationMode.BICUBIC,
+                                       antialias=True)]
+    if cfg.hflip:
+        ops.append(T.RandomHorizontalFlip())
+    if cfg.randaugment:
+        ops.append(randaugment(cfg))
+    return T.Compose(ops + _to_normalized_tensor())
+
+
 def eval_transform(image_res: int) -> T.Compose:
     """Bicubic resize to a square (aspect ratio not kept), as the original evaluation."""
     return T.Compose([T.Resize((image_res, image_res), interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
