@@ -203,13 +203,23 @@ def main(argv=None) -> Dict[str, Any]:
 
     def write_eval(metrics: Dict[str, Any], predictions: List[dict], epoch: int, name: str = "eval.json") -> None:
         with open(os.path.join(args.output_dir, name), "w") as f:
-            json.dump({**metrics, "epoch": epoch, "gradcam_mode": mode, "block_num": block_num}, f, indent=2)
+            json.dump({**metrics, **{f"chance_{s}": chance[s] for s in SPLITS}, "epoch": epoch,
+                       "gradcam_mode": mode, "block_num": block_num}, f, indent=2)
         for split in SPLITS:
             with open(os.path.join(args.output_dir, f"results_{split}.json"), "w") as f:
                 json.dump([p for p in predictions if p["split"] == split], f)
 
+    # chance: a uniformly random proposal of the expression's image (mean of 1 / proposals, per split)
+    chance = {s: [] for s in SPLITS}
+    for rec in test_set.records:
+        split = refer.split(rec["ref_id"])
+        if split in chance:
+            chance[split].append(1 / max(1, len(dets.get(str(refer.image_id(rec["ref_id"])), ()))))
+    chance = {s: sum(v) / len(v) if v else math.nan for s, v in chance.items()}
+
     def report(metrics: Dict[str, Any]) -> str:
-        return "  ".join(f"{s}: {100 * metrics[f'{s}_d']:.2f}" for s in SPLITS if not math.isnan(metrics[f"{s}_d"]))
+        return "  ".join(f"{s}: {100 * metrics[f'{s}_d']:.2f} (chance {100 * chance[s]:.2f})" for s in SPLITS
+                         if not math.isnan(metrics[f"{s}_d"]))
 
     if args.evaluate:
         metrics, predictions = evaluate(model, test_loader, refer, dets, device, cfg, mode, block_num)

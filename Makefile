@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo retrieval-demo tasks-demo test bench clean
+.PHONY: install demo retrieval-demo tasks-demo grounding-demo test bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ tasks-demo: install
 		--device cpu --overwrite
 	$(PY) VQA.py --config configs/VQA_tiny.yaml --output_dir $(OUT)_vqa --checkpoint $(OUT)/checkpoint_13.pth \
 		--device cpu --overwrite
+
+# after `make demo`: weakly-supervised grounding on the synthetic world (fine-tune with ITM Grad-CAM evaluation,
+# then the fine-tuned model evaluated with ITC Grad-CAM); accuracies printed next to chance
+grounding-demo: install
+	$(PY) -m dataset.synthetic_grounding --world $(DATA)
+	$(PY) Grounding.py --config configs/Grounding_tiny.yaml --output_dir $(OUT)_grounding \
+		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --overwrite
+	$(PY) Grounding.py --config configs/Grounding_tiny.yaml --output_dir $(OUT)_grounding_itc \
+		--checkpoint $(OUT)_grounding/checkpoint_best.pth --device cpu --evaluate --gradcam_mode itc --overwrite
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
