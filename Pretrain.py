@@ -4,13 +4,14 @@
     python Pretrain.py --config configs/Pretrain_tiny.yaml --output_dir output/demo      # CPU demo
     python Pretrain.py ... --resume                       # continue from the newest checkpoint_XX.pth
     python Pretrain.py ... --options optimizer.lr=2e-4 batch_size=32
+    python Pretrain.py ... --options itc_distill=false mlm_distill=false   # an ablation row (tools/ablation.py)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
@@ -22,7 +23,7 @@ from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.retrieval import itc_retrieval
 from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
 from engine.trainer import TrainOptions, print0
-from models.albef import ALBEF
+from models.albef import ALBEF, check_objectives
 from models.pretrained import load_bert_weights, load_vit_weights
 from models.convert import load_checkpoint
 from optim import OptimizerConfig
@@ -52,9 +53,15 @@ class PretrainConfig(ModelKeys, TrainOptions):
     train_shards: Union[str, List[str], None] = None  # webdataset tar shards (python -m tools.make_shards) instead
     train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     batch_size_test: int = 64
+    # objectives (the paper's Table 1 ablation, ``python -m tools.ablation``); the defaults are the full model
+    itc: bool = True  # false: no ITC loss (loss_ita 0); needs itm_hard_negatives: false
+    itm_hard_negatives: bool = True  # false: ITM negatives uniform among the batch's other samples
+    itc_distill: bool = True  # false: ITC on one-hot targets (alpha unused by ITC)
+    mlm_distill: bool = True  # false: MLM on the masked ids only (alpha unused by MLM)
 
     def __post_init__(self):
         super().__post_init__()
+        check_objectives(self.itc, self.itm_hard_negatives, self.itm_negatives)
         if not self.train_file and not self.train_shards:
             raise ValueError("train_file (a JSON file or a list of them) or train_shards is required")
         if self.train_shards and not (self.train_samples_per_epoch or 0) > 0:
@@ -78,7 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(cfg: PretrainConfig, tokenizer, source: str) -> ALBEF:
-    model_cfg = cfg.albef_config(tokenizer, source, cfg.mlm_probability)
+    # the objective switches are pre-training keys, not model-shape keys (ModelKeys): set on the model config here
+    model_cfg = replace(cfg.albef_config(tokenizer, source, cfg.mlm_probability), itc=cfg.itc,
+                        itm_hard_negatives=cfg.itm_hard_negatives, itc_distill=cfg.itc_distill,
+                        mlm_distill=cfg.mlm_distill)
     model = ALBEF(model_cfg)
     if cfg.text_encoder:
         load_bert_weights(model.text_encoder, cfg.text_encoder)
@@ -131,6 +141,8 @@ def main(argv=None) -> Dict[str, float]:
             return {f"test_{k}": v for k, v in metrics.items()}
 
         after_epoch = evaluate
+        if not cfg.itc:
+            print0("itc: false -- the zero-shot ITC retrieval below ranks by untrained (frozen) projections")
 
     trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
                 exit_after_epochs=args.exit_after_epochs)

@@ -46,6 +46,12 @@ class ALBEFConfig:
     mask_token_id: int = 103
     # ITM hard negatives drawn from this rank's batch (the original) or from all ranks' batches (BLIP's choice)
     itm_negatives: str = "local"
+    # ---- pre-training objectives (the paper's Table 1 ablation; the defaults are the full model, see
+    # OBJECTIVE_ROWS). ALBEF reads all four; ALBEFRetrieval reads itm_hard_negatives and needs itc.
+    itc: bool = True  # the ITC loss (false: loss_ita is a constant 0, queues untouched, ITC projections frozen)
+    itm_hard_negatives: bool = True  # ITM negatives drawn ~ softmax(ITC similarity); false: uniformly in the batch
+    itc_distill: bool = True  # ITC targets mixed with the momentum model's (alpha); false: one-hot targets
+    mlm_distill: bool = True  # MLM targets mixed with the momentum model's (alpha); false: the masked ids only
 
     def __post_init__(self):
         if self.vision_width != self.vit.embed_dim:
@@ -65,6 +71,33 @@ class ALBEFConfig:
             raise ValueError(f"temp must be a finite number > 0, got {self.temp}")
         if self.itm_negatives not in ("local", "global"):
             raise ValueError(f"itm_negatives must be 'local' or 'global', got {self.itm_negatives!r}")
+        check_objectives(self.itc, self.itm_hard_negatives, self.itm_negatives)
+
+
+# The paper's Table 1 rows (Li et al. 2021, "Evaluation of the proposed methods") as objective switches: ITM without
+# "hard" draws its negatives uniformly from the batch; MoD = momentum distillation of that loss.
+OBJECTIVE_ROWS: Dict[str, Dict[str, bool]] = {
+    "MLM+ITM": dict(itc=False, itm_hard_negatives=False, itc_distill=False, mlm_distill=False),
+    "ITC+MLM+ITM": dict(itc=True, itm_hard_negatives=False, itc_distill=False, mlm_distill=False),
+    "ITC+MLM+ITM_hard": dict(itc=True, itm_hard_negatives=True, itc_distill=False, mlm_distill=False),
+    "ITC_MoD+MLM+ITM_hard": dict(itc=True, itm_hard_negatives=True, itc_distill=True, mlm_distill=False),
+    "full": dict(itc=True, itm_hard_negatives=True, itc_distill=True, mlm_distill=True),  # ITC_MoD+MLM_MoD+ITM_hard
+}
+
+
+def check_objectives(itc: bool, itm_hard_negatives: bool, itm_negatives: str = "local") -> None:
+    """Reject objective switches that cannot be combined (ValueError naming the keys).
+
+    Hard negatives are drawn from the ITC similarities, so ``itm_hard_negatives: true`` needs ``itc: true`` (the
+    paper's MLM + ITM row sets both false); ``itm_negatives: global`` mines hard negatives across ranks, so it
+    needs ``itm_hard_negatives: true``. ``itc_distill`` with ``itc: false`` is ignored (there is no ITC loss)."""
+    if itm_hard_negatives and not itc:
+        raise ValueError("itm_hard_negatives: true needs itc: true (hard negatives are drawn from the ITC "
+                         "similarities); with itc: false set itm_hard_negatives: false (random in-batch negatives, "
+                         "the paper's MLM + ITM row)")
+    if not itm_hard_negatives and itm_negatives != "local":
+        raise ValueError(f"itm_negatives: {itm_negatives} mines hard negatives across ranks; with "
+                         "itm_hard_negatives: false use itm_negatives: local")
 
 
 class Encoded(NamedTuple):
@@ -169,8 +202,10 @@ class ALBEFBase(MomentumMixin, nn.Module):
                   sim_t2i: torch.Tensor, same: torch.Tensor, generator: Optional[torch.Generator],
                   image_kv: Optional[EncoderKV] = None, feat_m: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                   idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """ITM on 1 positive + 2 hard negatives per pair (an image per text, a text per image). ``image_kv``: the
-        fusion layers' keys/values of ``img.embeds`` (computed here when ``reuse_image_kv`` and not given).
+        """ITM on 1 positive + 2 hard negatives per pair (an image per text, a text per image); with
+        ``itm_hard_negatives: false`` the negatives are uniform among the batch's other images (``sim_i2t`` and
+        ``sim_t2i`` unused, may be None). ``image_kv``: the fusion layers' keys/values of ``img.embeds`` (computed here
+        when ``reuse_image_kv`` and not given).
         With ``itm_negatives: global`` and several ranks, ``feat_m`` (momentum image and text features) and ``idx``
         (image ids, retrieval; None: each sample is its own image) select negatives among all ranks' samples."""
         bs = txt.embeds.shape[0]
@@ -189,8 +224,13 @@ class ALBEFBase(MomentumMixin, nn.Module):
             itm_labels[:bs] = 1
             return F.cross_entropy(itm_logits.float(), itm_labels)
         with torch.no_grad():
-            neg_image_idx = sample_hard_negatives(sim_t2i[:, :bs], same, generator)
-            neg_text_idx = sample_hard_negatives(sim_i2t[:, :bs], same, generator)
+            if self.cfg.itm_hard_negatives:
+                neg_image_idx = sample_hard_negatives(sim_t2i[:, :bs], same, generator)
+                neg_text_idx = sample_hard_negatives(sim_i2t[:, :bs], same, generator)
+            else:  # uniform over the allowed columns; the same [B, B] draws, so the generator advances as above
+                flat = torch.zeros(same.shape, device=same.device)
+                neg_image_idx = sample_hard_negatives(flat, same, generator)
+                neg_text_idx = sample_hard_negatives(flat, same, generator)
         text_embeds_all = torch.cat([txt.embeds, txt.embeds[neg_text_idx]], dim=0)
         text_atts_all = torch.cat([attention_mask, attention_mask[neg_text_idx]], dim=0)
         if image_kv is not None:  # rows: [negative image per text; own image per negative text]
@@ -277,6 +317,9 @@ class ALBEF(ALBEFBase):
 
     def __init__(self, cfg: ALBEFConfig):
         super().__init__(cfg, BertForMaskedLM(cfg.bert))
+        if not cfg.itc:  # no loss reaches the ITC projections and temp: frozen, so no trainable parameter is unused
+            for p in (*self.vision_proj.parameters(), *self.text_proj.parameters(), self.temp):
+                p.requires_grad_(False)
 
     def no_weight_decay(self) -> set:
         """Empty, as the original (its optimizer decays ``temp``, ``pos_embed`` and ``cls_token``)."""
@@ -291,34 +334,52 @@ class ALBEF(ALBEFBase):
                 alpha: float = 0.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """ITC + ITM + MLM losses of one batch (the original's order of operations).
 
+        The objective switches of the config ``itm_hard_negatives``, ``itc_distill`` and ``mlm_distill`` each change
+        only the loss they name: the random draws (``generator`` and the global RNG) stay in the same order, so the
+        other losses are bitwise those of the full model. ``itc: false`` (which needs random ITM negatives) returns
+        ``loss_ita`` = 0 (no gradient), leaves the queues as they are and runs the momentum model only for the MLM
+        teacher (without dropout, loss_itm and loss_mlm equal those of the ITC model with random negatives).
+
         Args:
             image: [B, 3, H, W]; input_ids, attention_mask: [B, L] (single sentences, ``[CLS] tokens``).
-            alpha: distillation weight for ITC and MLM targets.
-            generator: optional RNG for the hard-negative draw and the MLM masking.
+            alpha: distillation weight for ITC and MLM targets (ignored by a loss whose ``*_distill`` is false).
+            generator: optional RNG for the ITM negatives draw and the MLM masking.
         """
+        cfg = self.cfg
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         img = self.encode_image(image)
         txt = self.encode_text(input_ids, attention_mask)
-        loss_ita, sim_i2t, sim_t2i, img_m, txt_m = self._itc(image, input_ids, attention_mask, img, txt, None, alpha)
-        self._dequeue_and_enqueue(img_m.feat, txt_m.feat)
+        if cfg.itc:
+            loss_ita, sim_i2t, sim_t2i, img_m, txt_m = self._itc(image, input_ids, attention_mask, img, txt, None,
+                                                                 alpha, cfg.itc_distill)
+            self._dequeue_and_enqueue(img_m.feat, txt_m.feat)
+            feat_m = (img_m.feat, txt_m.feat)
+        else:  # no contrastive similarities (the ITM negatives are random), no momentum keys for the queues
+            loss_ita = torch.zeros((), device=image.device)
+            sim_i2t = sim_t2i = feat_m = img_m = None
+            if cfg.mlm_distill:  # the MLM teacher reads the momentum image encoder
+                with torch.no_grad():
+                    self.momentum_update()
+                    img_m = self.encode_image(image, momentum=True)
 
         same = torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
         # The student's fusion-layer keys/values of the B images, shared by the ITM and MLM passes.
         image_kv = self.image_kv(img.embeds) if self.reuse_image_kv else None
         loss_itm = self._itm_loss(txt, img, attention_mask, sim_i2t, sim_t2i, same, generator, image_kv,
-                                  feat_m=(img_m.feat, txt_m.feat))
+                                  feat_m=feat_m)
 
         # ---- MLM conditioned on the image, distilled from the momentum model
-        cfg = self.cfg
         masked_ids, labels = mask_tokens(input_ids, cfg.bert.vocab_size, cfg.mask_token_id, cfg.pad_token_id,
                                          cfg.cls_token_id, cfg.mlm_probability, generator)
         # Sparse head: only the masked positions (one host sync); their rows of the full logits.
         positions = labels.ne(-100).nonzero(as_tuple=True) if self.sparse_mlm else None
-        with torch.no_grad():
-            logits_m = self.text_encoder_m(masked_ids, attention_mask, encoder_hidden_states=img_m.embeds,
-                                           positions=positions)
-            soft_labels = F.softmax(logits_m.float(), dim=-1)
+        soft_labels = None
+        if cfg.mlm_distill:
+            with torch.no_grad():
+                logits_m = self.text_encoder_m(masked_ids, attention_mask, encoder_hidden_states=img_m.embeds,
+                                               positions=positions)
+                soft_labels = F.softmax(logits_m.float(), dim=-1)
         if image_kv is not None:
             logits = self.text_encoder(masked_ids, attention_mask, encoder_kv=image_kv, positions=positions)
         else:
@@ -339,6 +400,8 @@ class ALBEFRetrieval(ALBEFBase):
     layout = "retrieval"
 
     def __init__(self, cfg: ALBEFConfig, distill: bool = True, clamp_temp: bool = False):
+        if not cfg.itc:
+            raise ValueError("ALBEFRetrieval needs itc: true (retrieval ranks by ITC similarity)")
         super().__init__(cfg, BertModel(cfg.bert))
         self.distill = distill
         self.clamp_temp = clamp_temp

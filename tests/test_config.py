@@ -20,11 +20,13 @@ def _write(tmp_path, data, name="c.yaml"):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
 def test_every_shipped_config_validates(path):
     from engine.classification import ClassifierConfig
+    from Grounding import GroundingConfig
     from Retrieval import RetrievalConfig
     from VQA import VQAConfig
 
     name = os.path.basename(path)
     cls = (RetrievalConfig if name.startswith("Retrieval") else VQAConfig if name.startswith("VQA") else
+           GroundingConfig if name.startswith("Grounding") else
            ClassifierConfig if name.startswith(("VE", "NLVR.", "NLVR_tiny")) else PretrainConfig)
     cfg = load_config(cls, path)
     assert cfg.train_file
@@ -193,3 +195,14 @@ def test_itm_negatives_key(tmp_path):
     assert load_config(PretrainConfig, _write(tmp_path, {"train_file": "a.json"})).itm_negatives == "local"
     with pytest.raises(ValueError, match="itm_negatives must be 'local' or 'global'"):
         ALBEFConfig(itm_negatives="globl")
+
+
+def test_original_grounding_yaml_values():
+    from Grounding import GroundingConfig
+
+    cfg = load_config(GroundingConfig, os.path.join(ROOT, "configs", "Grounding.yaml"))
+    assert cfg.image_res == 384 and cfg.batch_size == 32 and cfg.optimizer.lr == 1e-5
+    assert cfg.scheduler.epochs == 5 and cfg.scheduler.min_lr == 1e-6 and cfg.alpha == 0.4 and cfg.distill
+    assert cfg.refcoco_data == "data" and cfg.det_file == "data/refcoco+/dets.json"
+    assert cfg.gradcam_mode == "itm" and cfg.block_num == 8 and cfg.score_alpha == 0.5
+    assert len(cfg.test_file) == 2
