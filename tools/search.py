@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import textwrap
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -21,9 +20,9 @@ from models import load_model
 from models.tokenizer import tokenize
 from dataset.images import load_rgb
 from dataset.text import pre_caption
+from utils.pictures import grid_layout, save_ranking_grid  # noqa: F401 (grid_layout: the picture's layout)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-GRID_TITLE_PX, GRID_CAPTION_PX, GRID_PAD_PX, GRID_DPI = 26, 20, 6, 100  # --save_grid layout in pixels
 
 
 @torch.no_grad()
@@ -58,45 +57,11 @@ def search(model, paths: List[str], query: str, k_test: int = 16, batch_size: in
 
 def save_grid(rankings: Sequence[Tuple[str, Sequence[Tuple[str, float, float]]]], out: str, thumb: int = 160
               ) -> None:
-    """Write ``[(query, [(path, itm, itc), ...]), ...]`` as one PNG (see :func:`grid_layout`): a row per query
-    titled with it, then its images in rank order, letterboxed to ``thumb`` pixels and captioned with rank and
-    ITM score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import ImageOps
-
-    cols = max(1, max(len(r) for _, r in rankings))
-    (fig_w, fig_h), boxes = grid_layout(len(rankings), cols, thumb)
-    fig = plt.figure(figsize=(fig_w / GRID_DPI, fig_h / GRID_DPI), dpi=GRID_DPI, facecolor="white")
-    try:
-        for row, (query, results) in enumerate(rankings):
-            title_y = boxes[row][0][1] - GRID_TITLE_PX / 2
-            fig.text(GRID_PAD_PX / fig_w, 1 - title_y / fig_h,
-                     textwrap.shorten(f"{row + 1}. {query}", width=max(10, fig_w // 8), placeholder="..."),
-                     ha="left", va="center", fontsize=11, fontweight="bold")
-            for rank, (path, itm, _itc) in enumerate(results, 1):
-                left, y, w, h = boxes[row][rank - 1]
-                ax = fig.add_axes((left / fig_w, 1 - (y + h) / fig_h, w / fig_w, h / fig_h))
-                ax.set_axis_off()
-                ax.imshow(ImageOps.pad(load_rgb(path), (thumb, thumb), color=(255, 255, 255)))
-                label = f"#{rank}  itm {itm:+.2f}" if thumb >= 100 else f"#{rank} {itm:+.2f}"
-                ax.text(0.5, -0.02, label, transform=ax.transAxes, ha="center", va="top", fontsize=9)
-        fig.savefig(out, dpi=GRID_DPI, facecolor="white")
-    finally:
-        plt.close(fig)
-
-
-def grid_layout(rows: int, cols: int, thumb: int = 160
-                ) -> Tuple[Tuple[int, int], List[List[Tuple[int, int, int, int]]]]:
-    """Picture size ``(width, height)`` in pixels and, per row, each thumbnail's box ``(left, top, width, height)``
-    in pixels from the top-left corner: every row is a title band, ``cols`` thumbnails and a caption band."""
-    row_h = GRID_TITLE_PX + thumb + GRID_CAPTION_PX + GRID_PAD_PX
-    col_w = thumb + GRID_PAD_PX
-    boxes = [[(GRID_PAD_PX + c * col_w, r * row_h + GRID_TITLE_PX, thumb, thumb) for c in range(cols)]
-             for r in range(rows)]
-    return (GRID_PAD_PX + cols * col_w, rows * row_h), boxes
+    """Write ``[(query, [(path, itm, itc), ...]), ...]`` as one PNG (``utils.pictures``): a row per query titled
+    with it, then its images in rank order, letterboxed to ``thumb`` pixels and captioned with rank and ITM score."""
+    rows = [(query, [(path, f"#{rank}  itm {itm:+.2f}" if thumb >= 100 else f"#{rank} {itm:+.2f}", None)
+                     for rank, (path, itm, _itc) in enumerate(results, 1)]) for query, results in rankings]
+    save_ranking_grid(rows, out, thumb)
 
 
 def main(argv=None):
