@@ -20,7 +20,9 @@ from dataset import CaptionCollator
 from dataset.caption_dataset import PretrainDataset, RetrievalEvalDataset
 from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
-from engine.retrieval import itc_retrieval
+from dataset.caption_logic import consistent_at_1
+from dataset.text import pre_caption
+from engine.retrieval import itc_retrieval, save_examples
 from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
 from engine.trainer import TrainOptions, print0
 from models.albef import ALBEF, check_objectives
@@ -53,6 +55,10 @@ class PretrainConfig(ModelKeys, TrainOptions):
     train_shards: Union[str, List[str], None] = None  # webdataset tar shards (python -m tools.make_shards) instead
     train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     batch_size_test: int = 64
+    # a synthetic world folder whose retrieval_test.json is test_file: the evaluation adds the retrieval ceilings
+    # (what a perfect model gets, ceiling_*) and consistent_at_1 from the captions' logical forms
+    test_world: Optional[str] = None
+    examples: int = 0  # write examples.png: this many test captions with their top-5 images (0: none)
     # objectives (the paper's Table 1 ablation, ``python -m tools.ablation``); the defaults are the full model
     itc: bool = True  # false: no ITC loss (loss_ita 0); needs itm_hard_negatives: false
     itm_hard_negatives: bool = True  # false: ITM negatives uniform among the batch's other samples
@@ -100,6 +106,19 @@ def build_model(cfg: PretrainConfig, tokenizer, source: str) -> ALBEF:
     return model
 
 
+def load_world_truth(world_dir: str, test_set) -> Optional[Dict]:
+    """The test split's truth from a synthetic world: ``{'consistent': [texts, images] bool, 'ceilings': {...}}``,
+    or None (with a warning) when the world's test split is not ``test_set``."""
+    from dataset.caption_logic import ceiling_recall, world_consistency
+
+    consistent, txt2img, img2txt, texts, _ = world_consistency(world_dir, "test")
+    if [pre_caption(t, 10 ** 6) for t in texts] != [pre_caption(t, 10 ** 6) for t in test_set.text] \
+            or len(img2txt) != len(test_set.images):
+        print0(f"warning: test_world {world_dir}: its retrieval_test.json is not test_file; no ceilings")
+        return None
+    return {"consistent": consistent, "ceilings": ceiling_recall(consistent, txt2img, img2txt)}
+
+
 def main(argv=None) -> Dict[str, float]:
     args = parse_args(argv)
     cfg, device, tokenizer = setup_run(PretrainConfig, args)
@@ -125,6 +144,8 @@ def main(argv=None) -> Dict[str, float]:
 
     results: Dict[str, float] = {}
     after_epoch: Optional[Callable[[int], Dict[str, float]]] = None
+    world: Optional[Dict] = None  # the test split's truth (test_world)
+    last_sim: Dict[str, object] = {}
     if cfg.test_file:
         test_set = RetrievalEvalDataset(cfg.test_file, eval_transform(cfg.image_res), cfg.image_root,
                                         cfg.max_words, cfg.max_image_pixels)
@@ -132,10 +153,15 @@ def main(argv=None) -> Dict[str, float]:
         test_loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size_test,
                                                   num_workers=min(cfg.num_workers, 2))
 
+        world = load_world_truth(cfg.test_world, test_set) if cfg.test_world else None
+
         def evaluate(epoch: int) -> Dict[str, float]:  # sharded: every rank encodes its share of the test set
-            metrics = itc_retrieval(model, test_loader, test_set, tokenizer, device)
+            metrics, sim = itc_retrieval(model, test_loader, test_set, tokenizer, device, return_sim=True)
+            if world is not None:
+                metrics["consistent_at_1"] = consistent_at_1(sim.T, world["consistent"])
             results.clear()
             results.update(metrics)
+            last_sim["sim"] = sim
             print0(f"zero-shot retrieval (ITC) on {cfg.test_file}: " +
                    "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items()))
             return {f"test_{k}": v for k, v in metrics.items()}
@@ -147,12 +173,23 @@ def main(argv=None) -> Dict[str, float]:
     trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
                 exit_after_epochs=args.exit_after_epochs)
     if results and du.is_main_process():
+        if world is not None:
+            results.update(world["ceilings"])
         with open(os.path.join(args.output_dir, "eval_test.json"), "w") as f:
             json.dump(results, f, indent=2)
-        print0(f"text->image R@1 {results['img_r1']:.2f}  R@5 {results['img_r5']:.2f}  "
-               f"R@10 {results['img_r10']:.2f} | image->text R@1 {results['txt_r1']:.2f}  "
-               f"R@5 {results['txt_r5']:.2f}  R@10 {results['txt_r10']:.2f}  "
-               f"(written to {os.path.join(args.output_dir, 'eval_test.json')})")
+        for name, d in (("text->image", "img"), ("image->text", "txt")):
+            line = "  ".join(f"R@{k} {results[f'{d}_r{k}']:.2f}" + (
+                f" (ceiling {results[f'ceiling_{d}_r{k}']:.1f})" if f"ceiling_{d}_r{k}" in results else "")
+                for k in (1, 5, 10))
+            print0(f"{name}: {line}")
+        if "consistent_at_1" in results:
+            print0(f"consistent@1 {results['consistent_at_1']:.2f} (captions whose top image makes them true)")
+        if cfg.examples and last_sim:
+            path = os.path.join(args.output_dir, "examples.png")
+            save_examples(last_sim["sim"], test_set, path, cfg.examples,
+                          consistent=world["consistent"] if world is not None else None)
+            print0(f"examples: {path}")
+        print0(f"written to {os.path.join(args.output_dir, 'eval_test.json')}")
     du.cleanup()
     return results
 

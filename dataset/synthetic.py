@@ -15,7 +15,9 @@ writes into ``DIR``:
 * ``retrieval_train.json``: ``[{"image", "caption": str, "image_id": int}]``, one record per train caption;
 * ``retrieval_val.json``, ``retrieval_test.json``: ``[{"image", "caption": [c1, ...]}]``, one record per image;
 * ``scenes.json``: ``{"images": [{"image", "split", "width", "height", "background": {"kind", "color"},
-  "objects": [{"shape", "color", "size", "box": [x, y, w, h]}]}], "vocabulary": {...}}``;
+  "objects": [{"shape", "color", "size", "box": [x, y, w, h]}], "captions": [{"text", "lf"}]}],
+  "vocabulary": {...}}``; ``captions`` (since version 2) are the image's captions in the order of the other files,
+  each with its logical form (what it asserts; :mod:`dataset.caption_logic` documents and checks it);
 * ``tokenizer/``: a lower-casing BERT WordPiece tokenizer trained on all captions ([PAD]=0 [UNK]=1 [CLS]=2
   [SEP]=3 [MASK]=4), loadable with ``transformers.AutoTokenizer.from_pretrained``;
 * ``manifest.json``: the arguments, the counts and :data:`VERSION` (written last; a directory whose manifest
@@ -23,9 +25,13 @@ writes into ``DIR``:
 
 Image ``i`` of a split depends only on ``(seed, split, i, image_size, captions_per_image)``, so the same
 arguments give byte-identical files and the val/test scenes do not change with ``num_train``. Captions are
-lower-case words separated by single spaces and are true for their image: attribute phrases, background
-mentions, relations between two objects (from box centres, see :func:`relation`), exact counts and complete
-object lists.
+lower-case words separated by single spaces (at most 23, so 25 tokens with [CLS] and [SEP]) and are true for
+their image. Most describe the whole scene, so that a caption identifies its image among the others (see
+:data:`CAPTION_TEMPLATES`): every object with its size, the background, the number of objects only inside such a
+list ("two objects a small red circle and a large blue star on a gray background"), a relation between two listed
+objects (from box centres, see :func:`relation`; "three objects a small red circle to the left of a large blue
+star and a small green square"), or a left-to-right order; a few name one object, a pair or the background only.
+``python -m dataset.caption_logic --world DIR`` prints the best retrieval scores such captions allow.
 """
 from __future__ import annotations
 
@@ -35,13 +41,12 @@ import os
 import random
 import re
 import time
-from collections import Counter
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 1
+VERSION = 2  # 2: larger objects, placement by free positions, scene-identifying captions with logical forms
 SPLITS = ("train", "val", "test")
 JPEG_QUALITY = 90
 SUPERSAMPLE = 2  # scenes are drawn at 2x and downsampled with LANCZOS (antialiasing)
@@ -51,7 +56,11 @@ COLORS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 35, 35), "green": (40, 170, 60), "blue": (45, 90, 235), "yellow": (250, 220, 40),
     "purple": (145, 55, 190), "orange": (250, 140, 25), "white": (250, 250, 250), "black": (20, 20, 20),
 }
-SIZES: Dict[str, float] = {"small": 0.18, "large": 0.35}  # side of the object's box, as a fraction of the image
+# Side of an object's box as a fraction of the image (times 1 +- SIZE_JITTER): a small object is ~17 px and a large
+# one ~27 px in the demo's 64 px input (2 and 3.4 patches of 8 px); 3 objects still fit (see PLACEMENT_TRIES).
+SIZES: Dict[str, float] = {"small": 0.26, "large": 0.42}
+SIZE_JITTER = 0.08
+PLACEMENT_TRIES = 20  # placements of a scene's objects before its attributes are re-sampled
 BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {
     "white": (236, 236, 232), "gray": (150, 150, 150), "dark": (45, 48, 55), "beige": (225, 205, 160),
     "pink": (240, 185, 200), "blue": (165, 205, 240),
@@ -132,40 +141,49 @@ def _sample_attributes(rng: random.Random, n: int) -> List[Dict[str, str]]:
     return objs
 
 
-def _boxes_apart(a: Sequence[int], b: Sequence[int], gap: float) -> bool:
-    return (a[0] + a[2] + gap <= b[0] or b[0] + b[2] + gap <= a[0]
-            or a[1] + a[3] + gap <= b[1] or b[1] + b[3] + gap <= a[1])
-
-
 def _place(rng: random.Random, sides: Sequence[int], image_size: int) -> Optional[List[List[int]]]:
-    """Non-overlapping boxes ``[x, y, w, h]`` inside the image for squares of the given sides (or ``None``)."""
+    """Non-overlapping boxes ``[x, y, w, h]`` inside the image for squares of the given sides (or ``None``).
+
+    The boxes are placed largest first, each uniformly among the integer positions where it keeps ``pad`` pixels
+    from the border and ``gap`` pixels from every box placed before; ``None`` when some box has no such position.
+    The boxes are returned in the order of ``sides``."""
     pad, gap = max(1, round(0.02 * image_size)), max(1.0, 0.03 * image_size)
-    boxes: List[List[int]] = []
-    for side in sides:
-        for _ in range(100):
-            x = rng.randint(pad, image_size - side - pad)
-            y = rng.randint(pad, image_size - side - pad)
-            box = [x, y, side, side]
-            if all(_boxes_apart(box, other, gap) for other in boxes):
-                boxes.append(box)
-                break
-        else:
+    boxes: Dict[int, List[int]] = {}
+    for i in sorted(range(len(sides)), key=lambda j: -sides[j]):
+        side = sides[i]
+        coords = np.arange(pad, image_size - side - pad + 1)
+        if coords.size == 0:
             return None
-    return boxes
+        xs, ys = np.meshgrid(coords, coords, indexing="xy")
+        xs, ys = xs.ravel(), ys.ravel()
+        free = np.ones(xs.shape, dtype=bool)
+        for bx, by, bw, bh in boxes.values():  # apart along x or along y, by at least the gap
+            free &= (xs + side + gap <= bx) | (bx + bw + gap <= xs) | (ys + side + gap <= by) | (by + bh + gap <= ys)
+        candidates = np.flatnonzero(free)
+        if candidates.size == 0:
+            return None
+        k = int(candidates[rng.randrange(candidates.size)])
+        boxes[i] = [int(xs[k]), int(ys[k]), side, side]
+    return [boxes[i] for i in range(len(sides))]
 
 
 def sample_scene(rng: random.Random, image_size: int) -> Scene:
     """A random scene: background ``{"kind", "color"}`` and 1-3 objects ``{"shape", "color", "size", "box"}``,
-    every object colour contrasting with the background."""
+    every object colour contrasting with the background. Objects that do not fit after ``PLACEMENT_TRIES``
+    placements are re-sampled."""
     while True:
         n = _weighted_choice(rng, NUM_OBJECTS_WEIGHTS)
         attrs = _sample_attributes(rng, n)
         backgrounds = [b for b in BACKGROUNDS if all(a["color"] in ALLOWED_ON[b] for a in attrs)]
         if not backgrounds:
             continue
-        sides = [max(3, round(SIZES[a["size"]] * image_size * rng.uniform(0.92, 1.08))) for a in attrs]
-        boxes = _place(rng, sides, image_size)
-        if boxes is None:
+        sides = [max(3, round(SIZES[a["size"]] * image_size * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER)))
+                 for a in attrs]
+        for _ in range(PLACEMENT_TRIES):
+            boxes = _place(rng, sides, image_size)
+            if boxes is not None:
+                break
+        else:
             continue
         background = {"kind": rng.choice(BACKGROUND_KINDS), "color": rng.choice(backgrounds)}
         objects = [dict(a, box=box) for a, box in zip(attrs, boxes)]
@@ -235,6 +253,13 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Ima
 
 
 # ----------------------------------------------------------------------------------------------- captions
+#
+# Every template returns a caption's text and its logical form (LF), the structure :mod:`dataset.caption_logic`
+# documents and checks: {"objects": [descriptions], and only when they apply "exact": True, "definite": True,
+# "background": colour, "relation": {"a": i, "b": j, "rel": r}, "order": "left_to_right", "count": {"n", "of"}}.
+# A description is a dict of some of "size", "color", "shape".
+
+Caption = Tuple[str, Dict[str, Any]]  # (text, logical form)
 
 
 def _article(word: str) -> str:
@@ -259,21 +284,68 @@ def _same(obj: Obj, ref: Obj, with_size: bool) -> bool:
     return all(obj[k] == ref[k] for k in (("size", "color", "shape") if with_size else ("color", "shape")))
 
 
-def _cap_attribute(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+def _desc(obj: Obj, with_size: bool) -> Dict[str, str]:
+    """The description ``_phrase(obj, with_size)`` says."""
+    return {k: obj[k] for k in (("size", "color", "shape") if with_size else ("color", "shape"))}
+
+
+def _lf(objects: Sequence[Dict[str, str]], exact: bool = False, background: Optional[str] = None,
+        rel: Optional[Tuple[int, int, str]] = None, order: Optional[str] = None, definite: bool = False
+        ) -> Dict[str, Any]:
+    """A logical form with only the keys that apply (the canonical form :func:`caption_logic.parse_caption`
+    returns too)."""
+    lf: Dict[str, Any] = {"objects": [dict(d) for d in objects]}
+    if exact:
+        lf["exact"] = True
+    if definite:
+        lf["definite"] = True
+    if background is not None:
+        lf["background"] = background
+    if rel is not None:
+        lf["relation"] = {"a": rel[0], "b": rel[1], "rel": rel[2]}
+    if order is not None:
+        lf["order"] = order
+    return lf
+
+
+def _listed(phrases: Sequence[str]) -> str:
+    """``a`` / ``a and b`` / ``a b and c``."""
+    return phrases[0] if len(phrases) == 1 else " ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _counted(n: int) -> str:
+    return f"{NUMBERS[n]} {'object' if n == 1 else 'objects'}"
+
+
+def _left_to_right(objs: Sequence[Obj], image_size: int, with_size: bool) -> Optional[List[Obj]]:
+    """The objects sorted by centre x when each is clearly left of the next and the reversed list says something
+    else (so "from left to right ..." is informative); else ``None``."""
+    by_x = sorted(objs, key=lambda o: o["box"][0] + o["box"][2] / 2)
+    ordered = (len(objs) > 1 and all(relation(a["box"], b["box"], image_size) == "left" for a, b in zip(by_x, by_x[1:]))
+               and not all(_same(a, b, with_size) for a, b in zip(by_x, by_x[::-1])))
+    return by_x if ordered else None
+
+
+def _cap_attribute(scene: Scene, rng: random.Random, image_size: int) -> Optional[Caption]:
+    """One object's attributes ("a large red circle", "a small shape that is red"): true when some object fits."""
     o = rng.choice(scene["objects"])
     s, c, h = o["size"], o["color"], o["shape"]
-    return rng.choice([
-        _phrase(o, True), _phrase(o, False), f"a {s} {h} that is {c}", f"a {s} shape that is {c}",
-        f"{_phrase(o, False)} that is {s}", f"there is {_phrase(o, True)}", f"an image of {_phrase(o, False)}",
+    sized, plain = _desc(o, True), _desc(o, False)
+    text, desc = rng.choice([
+        (_phrase(o, True), sized), (_phrase(o, False), plain), (f"a {s} {h} that is {c}", sized),
+        (f"a {s} shape that is {c}", {"size": s, "color": c}), (f"{_phrase(o, False)} that is {s}", sized),
+        (f"there is {_phrase(o, True)}", sized), (f"an image of {_phrase(o, False)}", plain),
     ])
+    return text, _lf([desc])
 
 
-def _cap_background(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+def _cap_background(scene: Scene, rng: random.Random, image_size: int) -> Optional[Caption]:
+    """One object and the background ("a red circle on a gray background")."""
     o, b = rng.choice(scene["objects"]), scene["background"]["color"]
-    return rng.choice([
-        f"{_phrase(o, False)} on a {b} background", f"{_phrase(o, True)} on a {b} background",
-        f"a {b} background with {_phrase(o, False)}",
-    ])
+    with_size = rng.random() < 0.5
+    np_ = _phrase(o, with_size)
+    text = rng.choice([f"{np_} on a {b} background", f"a {b} background with {np_}"])
+    return text, _lf([_desc(o, with_size)], background=b)
 
 
 _REL_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of", "right of"],
@@ -283,106 +355,149 @@ _REL_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of"
 _OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 
-def _cap_relation(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
-    """"a blue square to the left of a yellow star": two described objects in a clear relation, such that no
-    objects fitting the descriptions stand in the opposite relation (so the reversed caption is false)."""
-    objs = scene["objects"]
+def _informative_pair(objs: Sequence[Obj], rng: random.Random, image_size: int, with_size: Tuple[bool, bool],
+                      tries: int = 8) -> Optional[Tuple[Obj, Obj, str]]:
+    """Two objects ``a``, ``b`` in a clear relation such that no objects fitting their descriptions stand in the
+    opposite relation (so the caption with the relation reversed is false); ``None`` if none was found."""
     pairs = [(a, b) for a in objs for b in objs if a is not b and relation(a["box"], b["box"], image_size)]
-    for _ in range(8 if pairs else 0):
+    for _ in range(tries if pairs else 0):
         a, b = rng.choice(pairs)
         rel = relation(a["box"], b["box"], image_size)
-        sa, sb = rng.random() < 0.4, rng.random() < 0.25
-        fits_a = [o for o in objs if _same(o, a, sa)]
-        fits_b = [o for o in objs if _same(o, b, sb)]
-        if any(x is not y and relation(x["box"], y["box"], image_size) == _OPPOSITE[rel]
-               for x in fits_a for y in fits_b):
-            continue
-        words = rng.choice(_REL_WORDS[rel])
-        if rng.random() < 0.3 and len(fits_a) == 1 and len(fits_b) == 1:
-            return f"{_phrase(a, sa, 'the')} is {words} {_phrase(b, sb, 'the')}"
-        return f"{_phrase(a, sa)} {words} {_phrase(b, sb)}"
+        fits_a = [o for o in objs if _same(o, a, with_size[0])]
+        fits_b = [o for o in objs if _same(o, b, with_size[1])]
+        if not any(x is not y and relation(x["box"], y["box"], image_size) == _OPPOSITE[rel]
+                   for x in fits_a for y in fits_b):
+            return a, b, rel
     return None
 
 
-def _cap_count_total(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
-    n, b = len(scene["objects"]), scene["background"]["color"]
-    if n == 1:
-        o = scene["objects"][0]
-        return rng.choice([f"a single {o['size']} {o['color']} {o['shape']}", f"only one {o['color']} {o['shape']}",
-                           f"one shape on a {b} background", f"a single {o['color']} shape on a {b} background"])
-    word = NUMBERS[n]
-    return rng.choice([f"{word} shapes", f"there are {word} objects", f"{word} shapes on a {b} background",
-                       f"{word} objects on a {b} background"])
+def _cap_relation(scene: Scene, rng: random.Random, image_size: int) -> Optional[Caption]:
+    """"a blue square to the left of a yellow star" (some such pair exists) or "the blue square is left of the
+    yellow star" (each description fits one object); the reversed caption is false."""
+    objs = scene["objects"]
+    sa, sb = rng.random() < 0.4, rng.random() < 0.25
+    found = _informative_pair(objs, rng, image_size, (sa, sb))
+    if found is None:
+        return None
+    a, b, rel = found
+    words = rng.choice(_REL_WORDS[rel])
+    unique = sum(_same(o, a, sa) for o in objs) == 1 and sum(_same(o, b, sb) for o in objs) == 1
+    lf_args = dict(objects=[_desc(a, sa), _desc(b, sb)], rel=(0, 1, rel))
+    if rng.random() < 0.3 and unique:
+        return f"{_phrase(a, sa, 'the')} is {words} {_phrase(b, sb, 'the')}", _lf(**lf_args, definite=True)
+    return f"{_phrase(a, sa)} {words} {_phrase(b, sb)}", _lf(**lf_args)
 
 
-def _cap_count_group(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
-    """An exact count (>= 2) of objects sharing colour+shape, colour, shape or size."""
-    objs, options = scene["objects"], []
-    for keys in (("color", "shape"), ("color",), ("shape",), ("size",), ("size", "color")):
-        for value, count in sorted(Counter(tuple(o[k] for k in keys) for o in objs).items()):
-            if count < 2:
-                continue
-            attrs = dict(zip(keys, value))
-            noun = _plural(attrs["shape"]) if "shape" in attrs else "shapes"
-            words = [attrs[k] for k in ("size", "color") if k in attrs]
-            options.append(" ".join([NUMBERS[count]] + words + [noun]))
-    return rng.choice(options) if options else None
-
-
-def _cap_list(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
-    """All the objects: "two objects a red circle and a blue square", "a picture with ...", "from left to right ..."."""
+def _list_caption(scene: Scene, rng: random.Random, image_size: int) -> Caption:
+    """All the objects, sized 70 % of the time: "two objects a red circle and a blue square", "a picture with ...",
+    "a red circle and a blue square", "just a red circle", "from left to right ..."."""
     objs = list(scene["objects"])
-    with_size = rng.random() < 0.4
-    by_x = sorted(objs, key=lambda o: o["box"][0] + o["box"][2] / 2)
-    ordered = (len(objs) > 1 and all(relation(a["box"], b["box"], image_size) == "left" for a, b in zip(by_x, by_x[1:]))
-               and not all(_same(a, b, with_size) for a, b in zip(by_x, by_x[::-1])))  # the reverse must be false
-    form = rng.choice(["count", "picture", "plain"] + (["left_to_right"] if ordered else []))
+    with_size = rng.random() < 0.7
+    by_x = _left_to_right(objs, image_size, with_size)
+    form = rng.choice(["count", "picture", "plain"] + (["left_to_right"] if by_x else []))
     if form == "left_to_right":
         objs = by_x
     else:
         rng.shuffle(objs)
-    phrases = [_phrase(o, with_size) for o in objs]
-    listed = phrases[0] if len(phrases) == 1 else " ".join(phrases[:-1]) + " and " + phrases[-1]
+    listed = _listed([_phrase(o, with_size) for o in objs])
+    lf = _lf([_desc(o, with_size) for o in objs], exact=True,
+             order="left_to_right" if form == "left_to_right" else None)
     n = len(objs)
     if form == "count":
-        return f"{NUMBERS[n]} {'object' if n == 1 else 'objects'} {listed}"
+        return f"{_counted(n)} {listed}", lf
     if form == "picture":
-        return f"a picture with {listed}"
+        return f"a picture with {listed}", lf
     if form == "left_to_right":
-        return f"from left to right {listed}"
-    return listed if n > 1 else f"just {listed}"
+        return f"from left to right {listed}", lf
+    return (listed if n > 1 else f"just {listed}"), lf
 
 
-CaptionTemplate = Callable[[Scene, random.Random, int], Optional[str]]
-TEMPLATES: Dict[str, Tuple[CaptionTemplate, float]] = {  # name: (template, weight when choosing templates)
-    "list": (_cap_list, 3.0), "relation": (_cap_relation, 3.0), "background": (_cap_background, 2.0),
-    "attribute": (_cap_attribute, 2.0), "count_group": (_cap_count_group, 2.0),
-    "count_total": (_cap_count_total, 1.0),
+def _cap_list(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+    """The text of :func:`_list_caption` (a complete object list without the background)."""
+    return _list_caption(scene, rng, image_size)[0]
+
+
+def _cap_scene(scene: Scene, rng: random.Random, image_size: int) -> Optional[Caption]:
+    """The whole scene: every object with its size, and the background, the number of objects inside the list:
+    "two objects a small red circle and a large blue star on a gray background", "a gray background with two
+    objects ...", "from left to right ... on a gray background"."""
+    objs, b = list(scene["objects"]), scene["background"]["color"]
+    by_x = _left_to_right(objs, image_size, True)
+    form = rng.choice(["count", "background_first"] + (["left_to_right"] if by_x else []))
+    if form == "left_to_right":
+        objs = by_x
+    else:
+        rng.shuffle(objs)
+    listed = _listed([_phrase(o, True) for o in objs])
+    lf = _lf([_desc(o, True) for o in objs], exact=True, background=b,
+             order="left_to_right" if form == "left_to_right" else None)
+    if form == "count":
+        return f"{_counted(len(objs))} {listed} on a {b} background", lf
+    if form == "background_first":
+        return f"a {b} background with {_counted(len(objs))} {listed}", lf
+    return f"from left to right {listed} on a {b} background", lf
+
+
+def _cap_scene_relation(scene: Scene, rng: random.Random, image_size: int) -> Optional[Caption]:
+    """Every object with its size, two of them in a relation, the background half of the time: "three objects a
+    small red circle to the left of a large blue star and a small green square on a gray background". The caption
+    with the relation reversed is false."""
+    objs = scene["objects"]
+    found = _informative_pair(objs, rng, image_size, (True, True))
+    if found is None:
+        return None
+    a, b, rel = found
+    rest = [o for o in objs if o is not a and o is not b]
+    text = f"{_counted(len(objs))} {_phrase(a, True)} {rng.choice(_REL_WORDS[rel])} {_phrase(b, True)}"
+    text += "".join(f" and {_phrase(o, True)}" for o in rest)
+    background = scene["background"]["color"] if rng.random() < 0.5 else None
+    if background:
+        text += f" on a {background} background"
+    return text, _lf([_desc(o, True) for o in [a, b] + rest], exact=True, background=background, rel=(0, 1, rel))
+
+
+CaptionTemplate = Callable[[Scene, random.Random, int], Optional[Caption]]
+# name: (template, weight when choosing a template for a caption). Most captions describe the whole scene (every
+# object sized, the background; counts only inside such lists); a few name one object or a pair.
+CAPTION_TEMPLATES: Dict[str, Tuple[CaptionTemplate, float]] = {
+    "scene": (_cap_scene, 5.0), "scene_relation": (_cap_scene_relation, 2.5),
+    "list": (_list_caption, 1.5), "relation": (_cap_relation, 0.5),
+    "background": (_cap_background, 0.25), "attribute": (_cap_attribute, 0.25),
 }
 
 
-def make_captions(scene: Scene, rng: random.Random, image_size: int, k: int) -> List[str]:
-    """``k`` distinct true captions, from different templates while untried templates remain (weighted order).
+def _text_of(template: CaptionTemplate) -> Callable[[Scene, random.Random, int], Optional[str]]:
+    def text(scene: Scene, rng: random.Random, image_size: int) -> Optional[str]:
+        caption = template(scene, rng, image_size)
+        return None if caption is None else caption[0]
+    return text
+
+
+# The same templates returning the text only (what the derived task sets draw true captions from).
+TEMPLATES: Dict[str, Tuple[Callable[[Scene, random.Random, int], Optional[str]], float]] = {
+    name: (_text_of(fn), weight) for name, (fn, weight) in CAPTION_TEMPLATES.items()}
+
+
+def caption_scene(scene: Scene, rng: random.Random, image_size: int, k: int) -> List[Caption]:
+    """``k`` distinct true captions with their logical forms, each from a template drawn by weight.
 
     If a scene admits fewer than ``k`` distinct captions (only for very large ``k``) the list is padded by
     repeating it."""
-    names = list(TEMPLATES)
-    order: List[str] = []
-    while names:  # a weighted random permutation of the templates
-        name = rng.choices(names, weights=[TEMPLATES[n][1] for n in names])[0]
-        order.append(name)
-        names.remove(name)
-    weights = {n: w for n, (_, w) in TEMPLATES.items()}
-    captions: List[str] = []
-    for attempt in range(50 * k):
+    weights = {n: w for n, (_, w) in CAPTION_TEMPLATES.items()}
+    captions: List[Caption] = []
+    for _ in range(50 * k):
         if len(captions) == k:
             break
-        name = order[attempt] if attempt < len(order) else _weighted_choice(rng, weights)
-        caption = TEMPLATES[name][0](scene, rng, image_size)
-        if caption and caption not in captions:
+        caption = CAPTION_TEMPLATES[_weighted_choice(rng, weights)][0](scene, rng, image_size)
+        if caption and all(caption[0] != text for text, _ in captions):
             captions.append(caption)
-    distinct = list(captions)  # never empty: the attribute template always applies
+    distinct = list(captions)  # never empty: the scene template always applies
     return captions + [distinct[i % len(distinct)] for i in range(k - len(captions))]
+
+
+def make_captions(scene: Scene, rng: random.Random, image_size: int, k: int) -> List[str]:
+    """The texts of :func:`caption_scene`."""
+    return [text for text, _ in caption_scene(scene, rng, image_size, k)]
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -475,15 +590,17 @@ def _split_seed(seed: int, split: str, index: int) -> List[int]:
 
 
 def _make_image(out_dir: str, split: str, index: int, seed: int, image_size: int, k: int) -> Tuple[Scene, List[str]]:
-    """Sample, render and save one image; returns its scene record and its ``k`` captions."""
+    """Sample, render and save one image; returns its scene record (with its captions' logical forms) and its
+    ``k`` captions."""
     rng = random.Random("synthetic/{}/{}/{}".format(*_split_seed(seed, split, index)))
     scene = sample_scene(rng, image_size)
-    captions = make_captions(scene, rng, image_size, k)
+    captions = caption_scene(scene, rng, image_size, k)
     image = render_scene(scene, image_size, np.random.default_rng(_split_seed(seed, split, index)))
     rel = image_path(split, index)
     image.save(os.path.join(out_dir, rel), format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-    record = {"image": rel, "split": split, "width": image_size, "height": image_size, **scene}
-    return record, captions
+    record = {"image": rel, "split": split, "width": image_size, "height": image_size, **scene,
+              "captions": [{"text": text, "lf": lf} for text, lf in captions]}
+    return record, [text for text, _ in captions]
 
 
 def _expected_files(out_dir: str, counts: Dict[str, int]) -> List[str]:

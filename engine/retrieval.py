@@ -51,13 +51,14 @@ def recall_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: Dict
 
 @torch.no_grad()
 def itc_retrieval(model, image_loader, dataset, tokenizer, device: torch.device, max_length: int = 30,
-                  text_batch: int = 256) -> Dict[str, float]:
+                  text_batch: int = 256, return_sim: bool = False):
     """Zero-shot retrieval ranked by ITC cosine similarity alone (no ITM re-rank), sharded across ranks.
 
     ``image_loader`` gives this rank's share of ``dataset``'s images (every batch carries the images' global
     ``index``; pass a loader over the whole set in a single process); the texts are split the same way. The features
     are merged exactly (disjoint rows summed over ranks) and every rank returns the metrics, so no rank waits in a
-    collective while another evaluates.
+    collective while another evaluates. ``return_sim``: also return the similarity matrix ``[images, texts]``
+    (numpy), as ``(metrics, sim)``.
     """
     from utils import distributed as du
 
@@ -84,7 +85,8 @@ def itc_retrieval(model, image_loader, dataset, tokenizer, device: torch.device,
     image_feats = du.all_reduce_sum(image_feats if image_feats is not None
                                     else torch.zeros(len(dataset), dim, device=device))
     sim = (image_feats @ text_feats.T).float().cpu().numpy()
-    return recall_metrics(sim, sim.T, dataset.txt2img, dataset.img2txt)
+    metrics = recall_metrics(sim, sim.T, dataset.txt2img, dataset.img2txt)
+    return (metrics, sim) if return_sim else metrics
 
 
 @torch.no_grad()
@@ -177,3 +179,21 @@ def itm_rerank_scores(model, image_loader, texts: Sequence[str], tokenizer, devi
             mat[~mine] = 0
             du.all_reduce_sum(mat)
     return {"i2t": i2t.cpu(), "t2i": t2i.cpu()}
+
+
+def save_examples(sim, dataset, out: str, n: int = 6, k: int = 5, consistent=None) -> None:
+    """``n`` test captions (the first caption of evenly spaced images), each with its top-``k`` images by ``sim``
+    (``[images, texts]``), as one PNG; a retrieved image is marked correct when it is the caption's own, or, with
+    ``consistent`` (``[texts, images]`` bool: the caption is true of the image), when the caption is true of it."""
+    from utils.pictures import save_ranking_grid
+
+    n_img = len(dataset.images)
+    picks = [dataset.img2txt[i][0] for i in sorted({round(j * n_img / n) for j in range(n)}) if dataset.img2txt[i]]
+    rows = []
+    for t in picks:
+        top = sim[:, t].argsort()[::-1][:k]
+        rows.append((dataset.text[t], [
+            (dataset.images[i], f"#{r}" + (" (its image)" if i == dataset.txt2img[t] else ""),
+             bool(consistent[t, i]) if consistent is not None else i == dataset.txt2img[t])
+            for r, i in enumerate(top.tolist(), 1)]))
+    save_ranking_grid(rows, out, thumb=96)

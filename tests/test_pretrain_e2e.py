@@ -127,3 +127,29 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_world):
     b = torch.load(killed / "checkpoint_03.pth", map_location="cpu", weights_only=True)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+def test_world_ceilings_consistency_and_examples(tmp_path, tiny_world):
+    """test_world: eval_test.json carries the ceilings and consistent@1 of the world's test split; examples.png
+    shows the chosen captions' top images. A test_world whose test split is not test_file gives no ceilings."""
+    from PIL import Image
+
+    from dataset.caption_logic import world_ceilings
+
+    config = write_tiny_config(tmp_path / "c.yaml", tiny_world, test_world=str(tiny_world), examples=3)
+    out = tmp_path / "out"
+    Pretrain.main(["--config", config, "--output_dir", str(out), "--device", "cpu",
+                   "--options", "schedular.epochs=1"])
+    metrics = json.loads((out / "eval_test.json").read_text())
+    expected = world_ceilings(str(tiny_world))
+    for k in ("ceiling_img_r1", "ceiling_txt_r1", "ceiling_img_r5", "ceiling_txt_r10"):
+        assert metrics[k] == pytest.approx(expected[k])
+    assert 0.0 <= metrics["consistent_at_1"] <= 100.0
+    assert metrics["img_r1"] <= metrics["consistent_at_1"]  # its own image makes a caption true
+    with Image.open(out / "examples.png") as im:
+        assert im.format == "PNG" and im.size[1] > 3 * 96
+    other = write_tiny_config(tmp_path / "o.yaml", tiny_world, test_world=str(tiny_world),
+                              test_file=str(tiny_world / "retrieval_val.json"))
+    Pretrain.main(["--config", other, "--output_dir", str(tmp_path / "o"), "--device", "cpu",
+                   "--options", "schedular.epochs=1"])
+    assert "ceiling_img_r1" not in json.loads((tmp_path / "o" / "eval_test.json").read_text())

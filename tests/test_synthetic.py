@@ -9,7 +9,8 @@ import re
 import pytest
 from PIL import Image
 
-from dataset.synthetic import (BACKGROUNDS, COLORS, SHAPES, SIZES, SPLITS, VERSION, generate, main, relation)
+from dataset.synthetic import (BACKGROUNDS, COLORS, SHAPES, SIZE_JITTER, SIZES, SPLITS, VERSION, generate, main,
+                               relation)
 
 ARGS = dict(seed=0, num_train=30, num_val=10, num_test=10, image_size=96, captions_per_image=5)
 JSON_FILES = ("pretrain.json", "retrieval_train.json", "retrieval_val.json", "retrieval_test.json", "scenes.json",
@@ -115,17 +116,30 @@ def caption_is_true(caption: str, scene: dict) -> bool:
         if noun not in ("shape", "shapes", "object", "objects"):
             attrs["shape"] = noun[:-2] if noun.endswith("sses") else noun[:-1]
         return _count(objs, attrs) == _NUM[m.group(1)] and m.group(5) in (None, bg)
-    m = re.fullmatch(rf"(?:(one|two|three) objects? |a picture with |(from left to right) )?"
-                     rf"((?:{_NP} )*)(?:and )?({_NP})", caption)
-    if m and (m.group(3) or m.group(1) or m.group(2) or caption.startswith("a picture with")):
-        phrases = re.findall(_NP, m.group(3) + m.group(4))
-        if len(phrases) != len(objs) or (m.group(1) and _NUM[m.group(1)] != len(objs)):
+    m = re.fullmatch(rf"(one|two|three) objects? ({_NP}) ({'|'.join(_REL)}) ({_NP})((?: and {_NP})*)"
+                     rf"(?: on a (\w+) background)?", caption)
+    if m:  # a complete list whose first two objects are in a relation
+        phrases = [m.group(2), m.group(4)] + re.findall(_NP, m.group(5))
+        if _NUM[m.group(1)] != len(objs) or len(phrases) != len(objs) or m.group(6) not in (None, bg):
             return False
-        if len(phrases) > 1 and " and " + m.group(4) not in caption:
+        return any(all(_matches(o, _np(p)) for o, p in zip(perm, phrases))
+                   and relation(perm[0]["box"], perm[1]["box"], size) == _REL[m.group(3)]
+                   for perm in itertools.permutations(objs))
+    m = re.fullmatch(rf"(?:(?:a (\w+) background with )?(one|two|three) objects? |a picture with |"
+                     rf"(from left to right) )?((?:{_NP} )*)(?:and )?({_NP})(?: on a (\w+) background)?", caption)
+    if m and (m.group(4) or m.group(2) or m.group(3) or caption.startswith("a picture with")):
+        if m.group(1) and m.group(6):
+            return False  # not the grammar: the background once
+        if (m.group(1) or m.group(6)) and (m.group(1) or m.group(6)) != bg:
+            return False
+        phrases = re.findall(_NP, m.group(4) + m.group(5))
+        if len(phrases) != len(objs) or (m.group(2) and _NUM[m.group(2)] != len(objs)):
+            return False
+        if len(phrases) > 1 and " and " + m.group(5) not in caption:
             return False
         for perm in itertools.permutations(objs):
             if all(_matches(o, _np(p)) for o, p in zip(perm, phrases)):
-                if not m.group(2) or all(relation(a["box"], b["box"], size) == "left" for a, b in zip(perm, perm[1:])):
+                if not m.group(3) or all(relation(a["box"], b["box"], size) == "left" for a, b in zip(perm, perm[1:])):
                     return True
         return False
     return False
@@ -156,8 +170,12 @@ def test_files_and_formats(world, scenes):
     assert set(data["vocabulary"]) >= {"shapes", "colors", "sizes"}
     assert data["vocabulary"]["shapes"] == list(SHAPES) and data["vocabulary"]["colors"] == list(COLORS)
     assert [r["split"] for r in data["images"]] == [s for s in SPLITS for _ in range(n[s])]
+    captions = {r["image"]: r["caption"] for r in pretrain}
+    captions.update({r["image"]: r["caption"] for s in ("val", "test") for r in _load(world, f"retrieval_{s}.json")})
     for rec in data["images"]:
-        assert set(rec) == {"image", "split", "width", "height", "background", "objects"}
+        assert set(rec) == {"image", "split", "width", "height", "background", "objects", "captions"}
+        assert [c["text"] for c in rec["captions"]] == captions[rec["image"]]  # each with its logical form
+        assert all(set(c) == {"text", "lf"} and isinstance(c["lf"]["objects"], list) for c in rec["captions"])
         assert rec["background"]["kind"] in ("solid", "gradient", "noise")
         assert rec["background"]["color"] in BACKGROUNDS
         assert 1 <= len(rec["objects"]) <= 3
@@ -179,7 +197,9 @@ def _reversed(caption: str):
         return f"{m.group(1)} {m.group(2).replace(_REL[m.group(2)], swap[_REL[m.group(2)]])} {m.group(3)}"
     if caption.startswith("from left to right "):
         phrases = re.findall(_NP, caption)[::-1]
-        return "from left to right " + " ".join(phrases[:-1]) + " and " + phrases[-1]
+        background = re.search(r" on a \w+ background$", caption)
+        return "from left to right " + " ".join(phrases[:-1]) + " and " + phrases[-1] + \
+            (background.group(0) if background else "")
     return None
 
 
@@ -192,6 +212,7 @@ def test_captions_are_clean_and_true(world, scenes):
         scene = scenes[image]
         for c in caps:
             assert re.fullmatch(r"[a-z]+( [a-z]+)*", c), c
+            assert len(c.split()) <= 23, c  # the demo's max_tokens 25 holds [CLS], the words and [SEP]
             assert caption_is_true(c, scene), (c, scene)
             reverse = _reversed(c)
             if reverse:  # relations are informative: the reversed caption is false
@@ -223,8 +244,7 @@ def test_boxes_inside_apart_and_relations(world, scenes):
             x, y, w, h = o["box"]
             assert all(isinstance(v, int) for v in o["box"]) and w == h > 0
             assert 0 <= x and 0 <= y and x + w <= W and y + h <= rec["height"]
-            frac = w / W
-            assert (0.14 <= frac <= 0.22) if o["size"] == "small" else (0.30 <= frac <= 0.40), o
+            assert abs(w / W - SIZES[o["size"]]) <= SIZES[o["size"]] * SIZE_JITTER + 1 / W, o
         for a, b in itertools.combinations(objs, 2):  # no overlap
             ax, ay, aw, ah = a["box"]
             bx, by, bw, bh = b["box"]

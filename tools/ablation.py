@@ -198,6 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", default="all", help=f"all, or comma-separated names of: {', '.join(OBJECTIVE_ROWS)}")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the config's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. several on one GPU)")
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more Pretrain.py config overrides, the same for every run")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do and stop")
@@ -215,30 +216,43 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     runs: Dict[str, Dict[int, Dict[str, float]]] = {row: {} for row in args.rows}
     failed = []
+    pending = []
     for row in args.rows:
         for seed in args.seeds:
             path = run_dir(args.out, row, seed)
             cmd = build_command(args.config, args.out, row, seed, args.device, args.epochs, args.options)
             if is_done(path, row, args.epochs):
                 print(f"[{row} seed {seed}] done already ({os.path.join(path, METRICS_FILE)})")
+                runs[row][seed] = read_metrics(path)
             elif args.dry_run:
                 print(" ".join(cmd))
-                continue
             else:
-                os.makedirs(path, exist_ok=True)
-                stale = os.path.join(path, METRICS_FILE)
-                if os.path.exists(stale):  # another setting's result: never read it as this run's
-                    os.remove(stale)
-                print(f"[{row} seed {seed}] training ... (log: {os.path.join(path, 'run.log')})", flush=True)
-                t0 = time.time()
-                with open(os.path.join(path, "run.log"), "w") as log:
-                    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-                if rc != 0 or read_metrics(path) is None:
-                    print(f"[{row} seed {seed}] FAILED (exit code {rc}); see {os.path.join(path, 'run.log')}")
-                    failed.append(f"{row}/seed{seed}")
-                    continue
-                print(f"[{row} seed {seed}] finished in {time.time() - t0:.0f} s")
-            runs[row][seed] = read_metrics(path)
+                pending.append((row, seed, path, cmd))
+    # --jobs runs at a time, each with its share of the CPU threads
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+
+    def run(job):
+        row, seed, path, cmd = job
+        os.makedirs(path, exist_ok=True)
+        stale = os.path.join(path, METRICS_FILE)
+        if os.path.exists(stale):  # another setting's result: never read it as this run's
+            os.remove(stale)
+        print(f"[{row} seed {seed}] training ... (log: {os.path.join(path, 'run.log')})", flush=True)
+        t0 = time.time()
+        with open(os.path.join(path, "run.log"), "w") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env if args.jobs > 1 else None)
+        if rc != 0 or read_metrics(path) is None:
+            print(f"[{row} seed {seed}] FAILED (exit code {rc}); see {os.path.join(path, 'run.log')}", flush=True)
+            failed.append(f"{row}/seed{seed}")
+            return
+        print(f"[{row} seed {seed}] finished in {time.time() - t0:.0f} s", flush=True)
+        runs[row][seed] = read_metrics(path)
+
+    if pending and not args.dry_run:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(run, pending))
     if args.dry_run:
         return 0
     summary = aggregate(runs)
