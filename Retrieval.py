@@ -4,7 +4,7 @@
         --checkpoint ALBEF.pth
     python Retrieval.py ... --evaluate            # evaluate only (zero-shot or a fine-tuned checkpoint)
     python Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir output/retrieval_demo \
-        --checkpoint output/demo/checkpoint_13.pth --device cpu
+        --checkpoint output/demo/checkpoint_04.pth --device cpu
 """
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ class RetrievalConfig(ModelKeys, TrainOptions):
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
         epochs=5, min_lr=1e-6, warmup_lr=1e-5, warmup_epochs=1), metadata={"aliases": ["schedular"]})
     # ---- new keys
+    # webdataset shards of retrieval_train-style records (python -m tools.make_shards) instead of train_file; each
+    # record's image_id makes its captions positives of each other
+    train_shards: Union[str, List[str], None] = None
+    train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     rerank_score: str = "itm"  # itm (the original) or itm+itc (BLIP)
     clamp_temp: bool = False  # clamp temp to [0.001, 0.5] as pre-training does (the original does not here)
     max_words: int = 30
@@ -64,6 +68,8 @@ class RetrievalConfig(ModelKeys, TrainOptions):
         check_image_options(self.on_bad_image, self.max_image_pixels)
         if self.rerank_score not in ("itm", "itm+itc"):
             raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {self.rerank_score!r}")
+        if self.train_shards and not (self.train_samples_per_epoch or 0) > 0:
+            raise ValueError("train_samples_per_epoch (samples per epoch over all ranks) is required with train_shards")
         if self.k_test < 1 or self.batch_size_train < 2:
             raise ValueError("k_test must be >= 1 and batch_size_train >= 2")
         if self.tokenizer is None and self.text_encoder is None:
@@ -124,11 +130,14 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
         du.cleanup()
         return results
 
-    dataset = RetrievalTrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
-                                    cfg.max_words, cfg.on_bad_image, cfg.max_image_pixels)
-    print0(f"data: {len(dataset)} captions of {len(dataset.img_ids)} images")
+    dataset = None  # with train_shards, make_trainer streams the shards (idx from each record's image_id)
+    if not cfg.train_shards:
+        dataset = RetrievalTrainDataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.image_root,
+                                        cfg.max_words, cfg.on_bad_image, cfg.max_image_pixels)
+        print0(f"data: {len(dataset)} captions of {len(dataset.img_ids)} images")
     trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train,
-                                            CaptionCollator(tokenizer, cfg.max_tokens), device)
+                                            CaptionCollator(tokenizer, cfg.max_tokens), device,
+                                            shard_id_key="image_id")
 
     def train_step(module, batch, ctx):
         alpha = ramped_alpha(cfg.alpha, cfg.warm_up, ctx)

@@ -97,6 +97,15 @@ def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
     return out
 
 
+def image_index(image_id: Any) -> int:
+    """An image id as a non-negative int: an int stays itself; anything else (``"coco_123"``) maps to a stable 62-bit
+    hash of its JSON text, equal for equal ids in every process (only equality matters: same image = positive)."""
+    if isinstance(image_id, int) and not isinstance(image_id, bool) and image_id >= 0:
+        return image_id
+    digest = hashlib.blake2b(json.dumps(image_id, sort_keys=True).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:") and url != "-"
 
@@ -146,13 +155,17 @@ class ShardDataset(IterableDataset):
             False: one pass over this rank's and worker's share of the shard list, at most ``len(self)`` samples.
         rank, world_size: default ``utils.distributed.get_rank()`` / ``get_world_size()`` at construction.
         max_image_pixels: images with more pixels are bad (as the JSON data sets).
+        id_key: the json member that identifies the sample's image (e.g. ``image_id`` of retrieval records): each
+            sample then carries ``idx``, that id as an int (:func:`image_index`), so that every caption of the same
+            image is a positive (retrieval fine-tuning on shards).
     """
 
     def __init__(self, urls: Union[str, Sequence[str]], transform: Callable, max_words: int, epoch_samples: int,
                  shuffle_buffer: int = 1000, seed: int = 0, *, batch_size: int = 1,
                  resampled: bool = True, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, id_key: Optional[str] = None):
         super().__init__()
+        self.id_key = id_key
         self.urls = expand_urls(urls)
         missing = [u for u in self.urls if _is_local(u) and not os.path.isfile(u)]
         if missing:
@@ -263,6 +276,11 @@ class ShardDataset(IterableDataset):
                     caption = random.choice(caption)
                 sample = {"image": self.transform(image), "caption": pre_caption(caption, self.max_words),
                           "bad_images": bad}
+                if self.id_key is not None:
+                    if self.id_key not in meta:
+                        raise ValueError(f"{where}: no '{self.id_key}' in the json member (the image id of every "
+                                         "sample is needed here: write the shards from records that have it)")
+                    sample["idx"] = image_index(meta[self.id_key])
             bad, bad_in_a_row = [], 0
             yield sample
 
@@ -313,7 +331,8 @@ class ShardSampler:
 def create_shard_loader(urls: Union[str, Sequence[str]], transform: Callable, max_words: int, batch_size: int,
                         num_workers: int, seed: int, epoch_samples: int, collate_fn: Optional[Callable] = None,
                         shuffle_buffer: int = 1000, *, persistent_workers: bool = True, prefetch_factor: int = 2,
-                        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[DataLoader, ShardSampler]:
+                        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, id_key: Optional[str] = None
+                        ) -> Tuple[DataLoader, ShardSampler]:
     """The training loader over shards: ``(loader, sampler)`` with ``len(loader)`` = ``epoch_samples //
     (batch_size * world_size)`` batches per rank, every one of ``batch_size`` samples; ``sampler.set_epoch(e)``
     every epoch (the engine does) and ``sampler.set_start(n)`` to resume inside one. Raises ``ValueError`` when
@@ -321,7 +340,7 @@ def create_shard_loader(urls: Union[str, Sequence[str]], transform: Callable, ma
     from dataset.sampling import ignore_stop_signals, shutdown_workers_at_exit
 
     dataset = ShardDataset(urls, transform, max_words, epoch_samples, shuffle_buffer, seed, batch_size=batch_size,
-                           max_image_pixels=max_image_pixels)
+                           max_image_pixels=max_image_pixels, id_key=id_key)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
                         pin_memory=torch.cuda.is_available(), drop_last=True,
                         generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG

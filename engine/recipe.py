@@ -90,10 +90,12 @@ def ramped_alpha(alpha: float, warm_up: bool, ctx) -> float:
     return alpha
 
 
-def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int, collate_fn, device):
+def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int, collate_fn, device,
+                 shard_id_key: Optional[str] = None):
     """The training half every script shares: a resumable epoch-seeded sampler and loader over ``dataset`` (every
     sample under its own random stream, see ``dataset/sampling.py``) -- or, when ``cfg.train_shards`` is set (and
-    ``dataset`` is None), a stream over webdataset shards (``dataset/shards.py``) -- the optimizer and per-step
+    ``dataset`` is None), a stream over webdataset shards (``dataset/shards.py``; ``shard_id_key``: the json member
+    whose value becomes each sample's ``idx``, for retrieval fine-tuning) -- the optimizer and per-step
     scheduler of ``cfg``, the :class:`~engine.trainer.Trainer` and ``--resume`` (if the script has it).
     Returns ``(trainer, loader, sampler)``."""
     from dataset.sampling import create_train_loader
@@ -114,7 +116,7 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
             loader, sampler = create_shard_loader(
                 shards, train_transform(cfg.image_res, cfg.augment), cfg.max_words, batch_size, cfg.num_workers,
                 args.seed, cfg.train_samples_per_epoch, collate_fn, persistent_workers=cfg.persistent_workers,
-                prefetch_factor=cfg.prefetch_factor, max_image_pixels=cfg.max_image_pixels)
+                prefetch_factor=cfg.prefetch_factor, max_image_pixels=cfg.max_image_pixels, id_key=shard_id_key)
             run_info["num_workers"] = cfg.num_workers  # each worker streams its own sequence of the shards
             n_samples = f"{cfg.train_samples_per_epoch} samples per epoch streamed from {shards}"
         else:

@@ -250,3 +250,41 @@ def test_crash_with_persistent_workers_exits(shards, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 1 and "RuntimeError: boom" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ retrieval on shards
+def test_image_index_is_stable_and_keeps_ints():
+    from dataset.shards import image_index
+
+    assert image_index(17) == 17 and image_index(0) == 0
+    a, b = image_index("coco_123"), image_index("coco_124")
+    assert a == image_index("coco_123") and a != b and 0 <= a < 2 ** 62
+    assert image_index(-3) == image_index(-3) >= 0 and image_index(True) != 1
+
+
+def test_retrieval_finetunes_on_shards(tiny_world, tmp_path, pretrained):
+    """Retrieval.py with train_shards: each sample's idx comes from its record's image_id (all captions of an image
+    share it), and the run trains and evaluates as with train_file."""
+    import Retrieval
+    from tests.test_retrieval import _retrieval_config
+
+    s = ms.make_shards([str(tiny_world / "retrieval_train.json")], str(tmp_path / "rt-%06d.tar"),
+                       samples_per_shard=64)
+    records = json.load(open(tiny_world / "retrieval_train.json"))
+    ds = ShardDataset(s["pattern"], PIXELS, 30, len(records), shuffle_buffer=0, resampled=False, id_key="image_id")
+    by_caption = {}
+    for sample in ds:
+        by_caption.setdefault(sample["idx"], set()).add(sample["caption"])
+    expected = {}
+    for r in records:
+        expected.setdefault(r["image_id"], set()).add(pre_caption(r["caption"], 30))
+    assert sorted(map(sorted, by_caption.values())) == sorted(map(sorted, expected.values()))
+    config = _retrieval_config(tmp_path / "r.yaml", tiny_world, train_shards=s["pattern"],
+                               train_samples_per_epoch=64, train_file=[])
+    out = tmp_path / "ft"
+    Retrieval.main(["--config", config, "--output_dir", str(out), "--device", "cpu", "--checkpoint", str(pretrained)])
+    line = json.loads((out / "log.txt").read_text().splitlines()[0])
+    assert {"train_loss_ita", "train_loss_itm", "val_r_mean"} <= set(line)
+    with pytest.raises(Exception, match="train_samples_per_epoch"):
+        Retrieval.main(["--config", _retrieval_config(tmp_path / "bad.yaml", tiny_world, train_shards=s["pattern"]),
+                        "--output_dir", str(tmp_path / "bad"), "--device", "cpu"])
