@@ -5,7 +5,7 @@ pairs, then the proposal with the most Grad-CAM heat per expression (paper Table
         --checkpoint ALBEF.pth [--gradcam_mode itm|itc] [--block_num 8]
     python Grounding.py --config configs/Grounding.yaml --checkpoint refcoco.pth --evaluate   # the paper's numbers
     python Grounding.py --config configs/Grounding_tiny.yaml --output_dir output/grounding_demo \
-        --checkpoint output/demo/checkpoint_13.pth --device cpu                                # the synthetic world
+        --checkpoint output/demo/checkpoint_04.pth --device cpu                                # the synthetic world
 
 Training is retrieval fine-tuning (ITC with same-image positives + ITM, momentum distillation) on the shared
 engine. Evaluation (after every epoch, or alone with ``--evaluate``) computes each expression's Grad-CAM

@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 DATA ?= data/synthetic
 OUT ?= output/demo
 PYTEST_ARGS ?=
+# the demo's last epoch (configs/Pretrain_tiny.yaml: 5 epochs)
+DEMO_CKPT ?= $(OUT)/checkpoint_04.pth
 
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
@@ -26,20 +28,20 @@ demo: install
 # after `make demo`: zero-shot evaluation with ITM re-rank, then retrieval fine-tuning, of the demo model
 retrieval-demo: install
 	$(PY) Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir $(OUT)_retrieval_zeroshot \
-		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --evaluate
+		--checkpoint $(DEMO_CKPT) --device cpu --evaluate
 	$(PY) Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir $(OUT)_retrieval \
-		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --overwrite
+		--checkpoint $(DEMO_CKPT) --device cpu --overwrite
 
 # after `make demo`: SNLI-VE, NLVR2 (text assignment, then fine-tuning) and VQA on the synthetic world's tasks
 tasks-demo: install
 	$(PY) -m dataset.synthetic_tasks --world $(DATA)
-	$(PY) VE.py --config configs/VE_tiny.yaml --output_dir $(OUT)_ve --checkpoint $(OUT)/checkpoint_13.pth \
+	$(PY) VE.py --config configs/VE_tiny.yaml --output_dir $(OUT)_ve --checkpoint $(DEMO_CKPT) \
 		--device cpu --overwrite
 	$(PY) Pretrain_nlvr.py --config configs/NLVR_pretrain_tiny.yaml --output_dir $(OUT)_nlvr_ta \
-		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --overwrite
+		--checkpoint $(DEMO_CKPT) --device cpu --overwrite
 	$(PY) NLVR.py --config configs/NLVR_tiny.yaml --output_dir $(OUT)_nlvr --checkpoint $(OUT)_nlvr_ta/checkpoint_00.pth \
 		--device cpu --overwrite
-	$(PY) VQA.py --config configs/VQA_tiny.yaml --output_dir $(OUT)_vqa --checkpoint $(OUT)/checkpoint_13.pth \
+	$(PY) VQA.py --config configs/VQA_tiny.yaml --output_dir $(OUT)_vqa --checkpoint $(DEMO_CKPT) \
 		--device cpu --overwrite
 
 # after `make demo`: weakly-supervised grounding on the synthetic world (fine-tune with ITM Grad-CAM evaluation,
@@ -47,7 +49,7 @@ tasks-demo: install
 grounding-demo: install
 	$(PY) -m dataset.synthetic_grounding --world $(DATA)
 	$(PY) Grounding.py --config configs/Grounding_tiny.yaml --output_dir $(OUT)_grounding \
-		--checkpoint $(OUT)/checkpoint_13.pth --device cpu --overwrite
+		--checkpoint $(DEMO_CKPT) --device cpu --overwrite
 	$(PY) Grounding.py --config configs/Grounding_tiny.yaml --output_dir $(OUT)_grounding_itc \
 		--checkpoint $(OUT)_grounding/checkpoint_best.pth --device cpu --evaluate --gradcam_mode itc --overwrite
 

@@ -5,7 +5,7 @@ fusion encoder that ``NLVR.py`` then fine-tunes.
     torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml \
         --output_dir output/NLVR_pretrain --checkpoint ALBEF.pth
     python Pretrain_nlvr.py --config configs/NLVR_pretrain_tiny.yaml --output_dir output/demo_nlvr_ta \
-        --checkpoint output/demo/checkpoint_13.pth --device cpu
+        --checkpoint output/demo/checkpoint_04.pth --device cpu
 
 Each fusion layer of the checkpoint initialises two layers (one per image). Writes ``checkpoint_XX.pth`` every
 epoch (``NLVR.py --checkpoint`` takes it) and ``log.txt``.

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=8 VE.py --config configs/VE.yaml --output_dir output/VE --checkpoint ALBEF.pth
     python VE.py ... --evaluate                   # val/test accuracy of a fine-tuned checkpoint
     python VE.py --config configs/VE_tiny.yaml --output_dir output/demo_ve \
-        --checkpoint output/demo/checkpoint_13.pth --device cpu
+        --checkpoint output/demo/checkpoint_04.pth --device cpu
 
 Annotations: ``[{"image": id (no extension), "sentence": hypothesis, "label": entailment|neutral|contradiction}]``.
 """

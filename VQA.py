@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa --checkpoint ALBEF.pth
     python VQA.py ... --checkpoint output/vqa/checkpoint_07.pth --evaluate      # answers only
     python VQA.py --config configs/VQA_tiny.yaml --output_dir output/demo_vqa \
-        --checkpoint output/demo/checkpoint_13.pth --device cpu
+        --checkpoint output/demo/checkpoint_04.pth --device cpu
 
 Writes ``checkpoint_XX.pth`` every epoch (no validation split, as the original), then
 ``result/vqa_result_epoch{E}.json`` = ``[{"question_id", "answer"}]`` for the official server, and, when the test

@@ -5,7 +5,7 @@ It is the built-in data set of the CPU demo and of the tests (no downloads). Eve
 NLVR2, SNLI-VE and grounding sets can later be derived from the same scenes; :func:`relation` is the spatial
 relation the captions use.
 
-    python -m dataset.synthetic --out DIR [--seed 0] [--num-train 4000] [--num-val 200] [--num-test 200]
+    python -m dataset.synthetic --out DIR [--seed 0] [--num-train 8000] [--num-val 200] [--num-test 200]
                                 [--image-size 96] [--captions-per-image 5]
 
 writes into ``DIR``:
@@ -628,7 +628,7 @@ def _reusable(out_dir: str, args: Dict[str, int], counts: Dict[str, int]) -> boo
             and all(os.path.isfile(p) for p in _expected_files(out_dir, counts)))
 
 
-def generate(out_dir: str, *, seed: int = 0, num_train: int = 4000, num_val: int = 200, num_test: int = 200,
+def generate(out_dir: str, *, seed: int = 0, num_train: int = 8000, num_val: int = 200, num_test: int = 200,
              image_size: int = 96, captions_per_image: int = 5) -> Dict[str, str]:
     """Write the synthetic world into ``out_dir`` (see the module docstring) and return the paths written.
 
@@ -683,7 +683,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description="Generate the synthetic image-caption world (deterministic).")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=int, default=4000)
+    p.add_argument("--num-train", type=int, default=8000)
     p.add_argument("--num-val", type=int, default=200)
     p.add_argument("--num-test", type=int, default=200)
     p.add_argument("--image-size", type=int, default=96)
