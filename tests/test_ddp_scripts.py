@@ -24,7 +24,7 @@ from tests.test_distributed import _torchrun
 from tests.test_retrieval import _retrieval_config
 from tests.test_vqa_e2e import _vqa_config
 
-SCRIPTS = ("Pretrain.py", "Retrieval.py", "VE.py", "Pretrain_nlvr.py", "NLVR.py", "VQA.py")
+SCRIPTS = ("Pretrain.py", "Retrieval.py", "VE.py", "Pretrain_nlvr.py", "NLVR.py", "VQA.py", "Grounding.py")
 MIN_STEPS = 2  # the DDP "reduction in the prior iteration" failure only shows at the second step
 
 
@@ -45,6 +45,10 @@ def ddp_world(tiny_world, tmp_path_factory):
     paths["retrieval_train"] = str(world / "retrieval_train_1cap.json")
     with open(paths["retrieval_train"], "w") as f:
         json.dump(first, f)
+    from dataset.synthetic_grounding import generate_grounding
+
+    paths["grounding"] = str(world / "grounding")
+    generate_grounding(str(world), paths["grounding"])
     return world, paths
 
 
@@ -72,9 +76,18 @@ def _command(script, d, world, paths, pretrained, ta_checkpoint):
                  "answer_list": paths["answer_list"]}
         config = _vqa_config(d / "vqa.yaml", world, files)  # 64 VQA + 64 VG training questions
         opts, bs = ["batch_size_train=16", "batch_size_test=5", "k_test=2"], 16
+    elif script == "Grounding.py":
+        from tests.test_grounding_e2e import _config as _grounding_config
+
+        gset = world / "grounding"
+        config = _grounding_config(d / "g.yaml", world, gset)
+        opts, bs = ["batch_size=8"], 8
     else:
         raise AssertionError(script)
     n_train = 128 if script == "VQA.py" else 64  # the tiny world's 64 train images (VQA: + 64 VG questions)
+    if script == "Grounding.py":  # one record per training expression
+        with open(world / "grounding" / "refcoco+_train.json") as f:
+            n_train = len(json.load(f))
     checkpoint = ta_checkpoint if script == "NLVR.py" else (None if script == "Pretrain.py" else pretrained)
     args = [script, "--config", config, "--output_dir", str(d / "out"), "--device", "cpu"]
     if checkpoint is not None:
