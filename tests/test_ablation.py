@@ -280,6 +280,17 @@ def test_ablation_dry_run_and_resume_rules(tmp_path, capsys):
         ablation.parse_args(["--rows", "MLM+ITM,nope"])
 
 
+def test_ablation_report_only_leaves_unfinished_runs_out(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "abl"
+    _fake_run(out, "full", 0, {"img_r1": 10.0, "txt_r1": 20.0, "r_mean": 30.0})
+    monkeypatch.setattr(ablation.subprocess, "call", lambda *a, **k: pytest.fail("--report never trains"))
+    assert ablation.main(["--config", "c.yaml", "--seeds", "0", "1", "--out", str(out), "--rows", "full",
+                          "--report"]) == 0
+    assert "not finished, left out: full/seed1" in capsys.readouterr().out
+    report = json.loads((out / "ablation.json").read_text())
+    assert report["rows"]["full"]["mean"]["img_r1"] == pytest.approx(10.0)
+
+
 @pytest.mark.slow
 def test_ablation_one_real_tiny_run(tmp_path, tiny_world, capsys):
     """One row (MLM+ITM: no ITC, so the engine's first-step gradient check sees the frozen projections), one seed,

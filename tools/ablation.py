@@ -2,7 +2,7 @@
 tabulate the zero-shot retrieval of every row as mean and standard deviation over the seeds.
 
     python -m tools.ablation --config configs/Pretrain_tiny.yaml --seeds 0 1 2 --out output/ablation \
-        [--rows all|MLM+ITM,full] [--epochs N] [--device cpu] [--options key=value ...] [--dry-run]
+        [--rows all|MLM+ITM,full] [--epochs N] [--device cpu] [--jobs N] [--options key=value ...] [--dry-run] [--report]
 
 The rows are :data:`models.albef.OBJECTIVE_ROWS` (ITM without "hard": random in-batch negatives; MoD: momentum
 distillation of that loss)::
@@ -202,6 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more Pretrain.py config overrides, the same for every run")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do and stop")
+    p.add_argument("--report", action="store_true", help="only write the report of the runs already finished")
     args = p.parse_args(argv)
     try:
         args.rows = select_rows(args.rows)
@@ -248,6 +249,10 @@ def main(argv=None) -> int:
         print(f"[{row} seed {seed}] finished in {time.time() - t0:.0f} s", flush=True)
         runs[row][seed] = read_metrics(path)
 
+    if args.report and pending:
+        print(f"--report: {len(pending)} run(s) not finished, left out: "
+              + ", ".join(f"{row}/seed{seed}" for row, seed, _, _ in pending))
+        pending = []
     if pending and not args.dry_run:
         from concurrent.futures import ThreadPoolExecutor
 
