@@ -234,9 +234,9 @@ def _fake_run(out, row, seed, metrics, epochs=None):
 def test_ablation_report_from_fake_runs(tmp_path, monkeypatch, capsys):
     out = tmp_path / "abl"
     _fake_run(out, "full", 0, {"img_r1": 10.0, "txt_r1": 20.0, "r_mean": 30.0, "consistent_at_1": 0.5,
-                               "img_r1_ceiling": 90.0})
+                               "ceiling_img_r1": 90.0, "ceiling_img_r10": 99.0})
     _fake_run(out, "full", 1, {"img_r1": 14.0, "txt_r1": 22.0, "r_mean": 34.0, "consistent_at_1": 0.7,
-                               "img_r1_ceiling": 90.0})
+                               "ceiling_img_r1": 90.0, "ceiling_img_r10": 99.0})
     _fake_run(out, "MLM+ITM", 0, {"img_r1": 1.0, "txt_r1": 2.0, "r_mean": 3.0})
     _fake_run(out, "MLM+ITM", 1, {"img_r1": 1.0, "txt_r1": 2.0, "r_mean": 3.0})
     monkeypatch.setattr(ablation.subprocess, "call", lambda *a, **k: pytest.fail("finished runs must be skipped"))
@@ -246,11 +246,11 @@ def test_ablation_report_from_fake_runs(tmp_path, monkeypatch, capsys):
     assert list(report["rows"]) == ["MLM+ITM", "full"]  # Table 1 order
     full = report["rows"]["full"]
     assert full["mean"]["img_r1"] == pytest.approx(12.0) and full["std"]["img_r1"] == pytest.approx(2 ** 0.5 * 2)
-    assert full["mean"]["consistent_at_1"] == pytest.approx(0.6) and full["std"]["img_r1_ceiling"] == 0.0
+    assert full["mean"]["consistent_at_1"] == pytest.approx(0.6) and full["std"]["ceiling_img_r1"] == 0.0
     assert report["rows"]["MLM+ITM"]["std"]["r_mean"] == 0.0 and full["switches"] == OBJECTIVE_ROWS["full"]
     md = (out / "ablation.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| row"))
-    assert header.split(" | ")[6:] == ["img_r1", "txt_r1", "r_mean", "consistent_at_1", "img_r1_ceiling |"]
+    assert header.split(" | ")[6:] == ["img_r1", "txt_r1", "r_mean", "consistent_at_1", "ceiling_img_r1 |"]  # R@10 ceiling: json only
     assert ("| full | ✓ | ✓ | ✓ | ✓ | 2 | 12.00 ± 2.83 | 21.00 ± 1.41 | 32.00 ± 2.83 | 0.60 ± 0.14 | "
             "90.00 ± 0.00 |") in md
     assert "| MLM+ITM | - | - | - | - | 2 | 1.00 ± 0.00 | 2.00 ± 0.00 | 3.00 ± 0.00 | - | - |" in md
