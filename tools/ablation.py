@@ -101,7 +101,7 @@ def is_done(path: str, row: str, epochs: Optional[int] = None) -> bool:
 
 def metric_columns(runs: Dict[str, Dict[int, Dict[str, float]]]) -> List[str]:
     """:data:`MAIN_METRICS`, then the extra metrics any run reports (``consistent_at_1``, and the R@1 ceilings
-    ``*ceiling*`` keys of R@1 (``ceiling_img_r1``, ...); the other ceilings stay in ablation.json only)."""
+    such as ``ceiling_img_r1``; the other ceilings stay in ablation.json only)."""
     present = {k for per_seed in runs.values() for m in per_seed.values() for k in m}
     extra = [k for k in EXTRA_METRICS if k in present]
     extra += sorted(k for k in present if "ceiling" in k and ("_r1_" in k or k.endswith("_r1")) and k not in extra)
