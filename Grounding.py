@@ -18,6 +18,11 @@ the top proposal correct at IoU >= 0.5 with the REFER ground-truth box (``engine
 ``results_<split>.json``, and the best epoch by ``val_d`` to ``checkpoint_best.pth``. An expression whose image
 has no proposal with positive heat is a miss (counted as ``no_positive``; the original reused the previous
 expression's box there).
+
+Training can stream webdataset shards instead of ``train_file``: write them with ``python -m tools.make_shards
+--task grounding --ann refcoco+_train.json --image_root ... --out shards/refcoco-%06d.tar`` and set
+``train_shards`` (the pattern it prints) and ``train_samples_per_epoch`` (samples per epoch over all ranks); the
+same-image positives then come from each record's image file name (``dataset.grounding.GroundingShardSample``).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from dataset.grounding import GroundingCollator, GroundingDataset, Refer, load_dets
+from dataset.grounding import GroundingCollator, GroundingDataset, GroundingShardSample, Refer, load_dets
 from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
 from dataset.transforms import AugmentConfig, eval_transform, grounding_train_transform
 from engine.checkpoint import atomic_save
@@ -67,6 +72,10 @@ class GroundingConfig(ModelKeys, TrainOptions):
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
         epochs=5, min_lr=1e-6, warmup_lr=1e-5, warmup_epochs=1), metadata={"aliases": ["schedular"]})
     # ---- new keys
+    # webdataset shards of the train records (python -m tools.make_shards --task grounding) instead of train_file:
+    # brace pattern, several joined by ::, or a list
+    train_shards: Union[str, List[str], None] = None
+    train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     gradcam_mode: str = "itm"  # itm (the paper's best) or itc; --gradcam_mode overrides
     block_num: int = 8  # BERT layer (itm) or ViT block (itc) of the Grad-CAM; --block_num overrides
     score_alpha: float = 0.5  # proposal score = heat inside / area ** score_alpha (the original's alpha=0.5)
@@ -88,6 +97,8 @@ class GroundingConfig(ModelKeys, TrainOptions):
             raise ValueError("tokenizer must be given when text_encoder is null")
         if not self.test_file:
             raise ValueError("test_file (the val/test expressions) is required")
+        if self.train_shards and not (self.train_samples_per_epoch or 0) > 0:
+            raise ValueError("train_samples_per_epoch (samples per epoch over all ranks) is required with train_shards")
 
 
 def parse_args(argv=None):
@@ -231,12 +242,17 @@ def main(argv=None) -> Dict[str, Any]:
         du.cleanup()
         return metrics or {}
 
-    dataset = GroundingDataset(cfg.train_file, grounding_train_transform(cfg.image_res, cfg.augment),
-                               cfg.image_root, cfg.max_words, mode="train", on_bad_image=cfg.on_bad_image,
-                               max_image_pixels=cfg.max_image_pixels)
-    print0(f"data: {len(dataset)} expressions of {len(dataset.img_ids)} images")
+    transform = grounding_train_transform(cfg.image_res, cfg.augment)
+    dataset = shard_sample = None  # with train_shards, make_trainer streams the shards
+    if cfg.train_shards:
+        shard_sample = GroundingShardSample(transform, cfg.max_words)
+    else:
+        dataset = GroundingDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, mode="train",
+                                   on_bad_image=cfg.on_bad_image, max_image_pixels=cfg.max_image_pixels)
+        print0(f"data: {len(dataset)} expressions of {len(dataset.img_ids)} images")
     trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size,
-                                            GroundingCollator(tokenizer, cfg.max_tokens), device)
+                                            GroundingCollator(tokenizer, cfg.max_tokens), device,
+                                            shard_sample=shard_sample)
 
     def train_step(module, batch, ctx):
         alpha = ramped_alpha(cfg.alpha, cfg.warm_up, ctx)

@@ -7,12 +7,15 @@
 
 Annotations: ``[{"images": [left, right], "sentence": str, "label": "True" | "False"}]``; val = dev, test = test-P.
 The fusion encoder has 2 x 6 layers, alternating between the two images (see ``models/classifiers.py``).
+Training can stream webdataset shards instead of ``train_file``: write them with ``python -m tools.make_shards
+--task nlvr --ann nlvr_train.json --image_root ... --out shards/nlvr-%06d.tar`` (the two images are the members
+``left.jpg`` and ``right.jpg``) and set ``train_shards`` (the pattern it prints) and ``train_samples_per_epoch``.
 """
 from __future__ import annotations
 
 from typing import Dict
 
-from dataset.nlvr_dataset import NLVRDataset
+from dataset.nlvr_dataset import NLVRDataset, NLVRShardSample
 from engine.classification import ClassifierConfig, add_classifier_args, run_classifier
 from engine.recipe import base_parser, run_cli, setup_run
 from engine.trainer import print0
@@ -34,7 +37,8 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     else:
         print0("warning: no --checkpoint: the model starts from random weights")
     results = run_classifier(args, cfg, model, tokenizer, device,
-                             lambda path, transform: NLVRDataset(path, transform, cfg.image_root, cfg.max_words))
+                             lambda path, transform: NLVRDataset(path, transform, cfg.image_root, cfg.max_words),
+                             lambda transform: NLVRShardSample(transform, cfg.max_words))
     du.cleanup()
     return results
 

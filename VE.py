@@ -6,12 +6,15 @@
         --checkpoint output/demo/checkpoint_04.pth --device cpu
 
 Annotations: ``[{"image": id (no extension), "sentence": hypothesis, "label": entailment|neutral|contradiction}]``.
+Training can stream webdataset shards instead of ``train_file``: write them with ``python -m tools.make_shards
+--task ve --ann ve_train.json --image_root ... --out shards/ve-%06d.tar`` and set ``train_shards`` (the pattern
+it prints) and ``train_samples_per_epoch`` (samples per epoch over all ranks).
 """
 from __future__ import annotations
 
 from typing import Dict
 
-from dataset.ve_dataset import VEDataset
+from dataset.ve_dataset import VEDataset, VEShardSample
 from engine.classification import ClassifierConfig, add_classifier_args, run_classifier
 from engine.recipe import base_parser, run_cli, setup_run
 from models.classifiers import ALBEFVE
@@ -37,7 +40,8 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
             path = path[0]
         return VEDataset(path, transform, cfg.image_root, cfg.max_words)
 
-    results = run_classifier(args, cfg, model, tokenizer, device, make_dataset)
+    results = run_classifier(args, cfg, model, tokenizer, device, make_dataset,
+                             lambda transform: VEShardSample(transform, cfg.max_words))
     du.cleanup()
     return results
 

@@ -8,6 +8,10 @@
 Writes ``checkpoint_XX.pth`` every epoch (no validation split, as the original), then
 ``result/vqa_result_epoch{E}.json`` = ``[{"question_id", "answer"}]`` for the official server, and, when the test
 file carries the annotators' answers, the VQA accuracy in ``eval_test.json`` and ``log.txt``.
+
+Training can stream webdataset shards instead of ``train_file``: write them with ``python -m tools.make_shards
+--task vqa --ann vqa_train.json --ann vg_qa.json --vqa_root ... --vg_root ... --out shards/vqa-%06d.tar`` and set
+``train_shards`` (the pattern it prints) and ``train_samples_per_epoch`` (samples per epoch over all ranks).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
-from dataset.vqa_dataset import VQACollator, VQADataset
+from dataset.vqa_dataset import VQACollator, VQADataset, VQAShardSample
 from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
 from engine.trainer import TrainOptions, print0
 from engine.vqa import predict_answers
@@ -54,6 +58,10 @@ class VQAConfig(ModelKeys, TrainOptions):
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
         lr=2e-5, epochs=8, min_lr=1e-6, warmup_lr=1e-5, warmup_epochs=4), metadata={"aliases": ["schedular"]})
     # ---- new keys
+    # webdataset shards of the train records (python -m tools.make_shards --task vqa) instead of train_file: brace
+    # pattern, several joined by ::, or a list
+    train_shards: Union[str, List[str], None] = None
+    train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     text_decoder: Optional[str] = None  # BERT for the decoder without --checkpoint (default: text_encoder)
     max_ques_words: int = 30  # question words kept for training (50 at test, as the original)
     max_question_tokens: int = 25  # training-question truncation (the original's max_length=25)
@@ -69,6 +77,8 @@ class VQAConfig(ModelKeys, TrainOptions):
             raise ValueError(f"eos must be '[SEP]' (the tokenizer's end token), got {self.eos!r}")
         if self.k_test < 1:
             raise ValueError("k_test must be >= 1")
+        if self.train_shards and not (self.train_samples_per_epoch or 0) > 0:
+            raise ValueError("train_samples_per_epoch (samples per epoch over all ranks) is required with train_shards")
         if self.tokenizer is None and self.text_encoder is None:
             raise ValueError("tokenizer must be given when text_encoder is null")
 
@@ -109,11 +119,17 @@ def main(argv=None) -> Dict[str, float]:
                              collate_fn=VQACollator(tokenizer, model.cfg.bert.max_position_embeddings))
     last_epoch = 0
     if not args.evaluate:
-        dataset = VQADataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment), cfg.vqa_root, cfg.vg_root,
-                             "train", cfg.max_ques_words, cfg.on_bad_image, cfg.max_image_pixels)
+        transform = train_transform(cfg.image_res, cfg.augment)
+        dataset = shard_sample = None  # with train_shards, make_trainer streams the shards
+        if cfg.train_shards:
+            shard_sample = VQAShardSample(transform, cfg.max_ques_words)
+        else:
+            dataset = VQADataset(cfg.train_file, transform, cfg.vqa_root, cfg.vg_root, "train", cfg.max_ques_words,
+                                 cfg.on_bad_image, cfg.max_image_pixels)
         print0(f"{len(test_set)} test questions, {len(answer_list)} candidate answers")
         trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train,
-                                                VQACollator(tokenizer, cfg.max_question_tokens), device)
+                                                VQACollator(tokenizer, cfg.max_question_tokens), device,
+                                                shard_sample=shard_sample)
 
         def train_step(module, batch, ctx):
             alpha = ramped_alpha(cfg.alpha, cfg.warm_up, ctx)

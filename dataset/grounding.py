@@ -16,6 +16,9 @@ Files, in the original formats (config keys in brackets):
 
 The refs pickle is read by :func:`safe_load_pickle`, never by ``pickle.load``: a pickle can name any importable
 function and call it while loading, so only plain containers, strings and numbers are admitted.
+
+Training can also stream shards of ``refcoco+_train.json`` (``tools.make_shards --task grounding``) through
+:class:`GroundingShardSample`; it shares :func:`record_fields` and :func:`image_key` with :class:`GroundingDataset`.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch.utils.data import Dataset
 from dataset import CaptionCollator
 from dataset.caption_dataset import load_json_list, resolve_image
 from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, ImageLoader, describe_roots, load_first_readable
+from dataset.shards import ShardSample, image_index
 from dataset.text import pre_caption
 
 # ------------------------------------------------------------------------------------------------ safe pickles
@@ -302,6 +306,32 @@ def check_dets_cover(dets: Dict[str, List[List[float]]], refer: Refer, ref_ids: 
 # ------------------------------------------------------------------------------------------------ data set
 
 
+def required_keys(mode: str) -> Tuple[str, ...]:
+    """The keys every record needs in ``mode`` (``'train'`` or ``'eval'``)."""
+    return ("image", "text") if mode == "train" else ("image", "text", "ref_id")
+
+
+def record_fields(rec: Dict[str, Any], mode: str, max_words: int, where: str) -> Dict[str, Any]:
+    """A record's sample fields but the image and ``idx``: ``{'caption'}`` (train), ``{'caption', 'ref_id'}``
+    (eval); ``ValueError`` (prefixed ``where``) for a malformed record."""
+    if not isinstance(rec["image"], str) or not rec["image"]:
+        raise ValueError(f"{where}: 'image' must be a non-empty path: {json.dumps(rec)[:200]}")
+    if not isinstance(rec["text"], str) or not rec["text"].strip():
+        raise ValueError(f"{where}: 'text' must be a non-empty string: {json.dumps(rec)[:200]}")
+    if mode == "eval" and not _is_int(rec["ref_id"]):
+        raise ValueError(f"{where}: 'ref_id' must be an int: {json.dumps(rec)[:200]}")
+    fields: Dict[str, Any] = {"caption": pre_caption(rec["text"], max_words)}
+    if mode == "eval":
+        fields["ref_id"] = rec["ref_id"]
+    return fields
+
+
+def image_key(image: str) -> str:
+    """What identifies a record's image for same-image positives: its file name (the path's basename), as the
+    original."""
+    return image.replace("\\", "/").split("/")[-1]
+
+
 class GroundingDataset(BadImagePolicy, Dataset):
     """(image, referring expression) records of the original ``grounding_dataset``.
 
@@ -328,21 +358,12 @@ class GroundingDataset(BadImagePolicy, Dataset):
         self.mode = mode
         self.records: List[Dict[str, Any]] = []
         self.img_ids: Dict[str, int] = {}
-        required = ("image", "text") if mode == "train" else ("image", "text", "ref_id")
         for f in ann_files:
-            for i, rec in enumerate(load_json_list(f, required)):
-                if not isinstance(rec["image"], str) or not rec["image"]:
-                    raise ValueError(f"{f}: record {i}: 'image' must be a non-empty path: {json.dumps(rec)[:200]}")
-                if not isinstance(rec["text"], str) or not rec["text"].strip():
-                    raise ValueError(f"{f}: record {i}: 'text' must be a non-empty string: {json.dumps(rec)[:200]}")
-                if mode == "eval" and not _is_int(rec["ref_id"]):
-                    raise ValueError(f"{f}: record {i}: 'ref_id' must be an int: {json.dumps(rec)[:200]}")
-                out = {"image": resolve_image(rec["image"], image_root, f), "text": rec["text"]}
+            for i, rec in enumerate(load_json_list(f, required_keys(mode))):
+                out = {"image": resolve_image(rec["image"], image_root, f),
+                       **record_fields(rec, mode, max_words, f"{f}: record {i}")}
                 if mode == "train":
-                    key = rec["image"].replace("\\", "/").split("/")[-1]
-                    out["idx"] = self.img_ids.setdefault(key, len(self.img_ids))
-                else:
-                    out["ref_id"] = rec["ref_id"]
+                    out["idx"] = self.img_ids.setdefault(image_key(rec["image"]), len(self.img_ids))
                 self.records.append(out)
         if not self.records:
             raise ValueError(f"no records in {list(ann_files)}")
@@ -358,13 +379,32 @@ class GroundingDataset(BadImagePolicy, Dataset):
         i, (image,), bad = load_first_readable(index, len(self.records), lambda j: (self.records[j]["image"],),
                                                self.load, self.where)
         rec = self.records[i]
-        item = {"image": self.transform(image), "caption": pre_caption(rec["text"], self.max_words)}
+        item = {"image": self.transform(image), "caption": rec["caption"]}
         if self.mode == "train":
             item["idx"] = rec["idx"]
         else:
             item["ref_id"] = rec["ref_id"]
         item["bad_images"] = bad
         return item
+
+
+class GroundingShardSample(ShardSample):
+    """:class:`GroundingDataset`'s training samples (``mode='train'``: ``{'image', 'caption', 'idx'}``) from shards
+    written by ``tools.make_shards --task grounding`` (the json member holds the record: ``image``, ``text``, ...).
+
+    ``idx`` is :func:`dataset.shards.image_index` of the image's file name (:func:`image_key`) rather than the
+    JSON data set's numbering in order of first appearance, which a stream cannot know: equal for the same file
+    name in every shard, process and conversion, which is all the training step uses (same-image positives)."""
+
+    task = "grounding"
+    keys = ("image", "text")
+
+    def __init__(self, transform, max_words: int = 30):
+        self.transform, self.max_words = transform, max_words
+
+    def __call__(self, meta: Dict[str, Any], images: List[Any], where: str) -> Dict[str, Any]:
+        fields = record_fields(meta, "train", self.max_words, where)
+        return {"image": self.transform(images[0]), **fields, "idx": image_index(image_key(meta["image"]))}
 
 
 class GroundingCollator(CaptionCollator):

@@ -1,9 +1,14 @@
-"""Pre-training data streamed from webdataset tar shards (written by ``python -m tools.make_shards``).
+"""Training data streamed from webdataset tar shards (written by ``python -m tools.make_shards``).
 
-:class:`ShardDataset` yields the same samples as :class:`dataset.caption_dataset.PretrainDataset`
-(``{'image': tensor, 'caption': str, 'bad_images': [str, ...]}``, ``pre_caption`` applied, one caption drawn at
-random from a list), and :func:`create_shard_loader` is the shard counterpart of
-:func:`dataset.sampling.create_train_loader`.
+:class:`ShardDataset` yields the samples of a task's map-style data set, and :func:`create_shard_loader` is the
+shard counterpart of :func:`dataset.sampling.create_train_loader`. What a sample is comes from a
+:class:`ShardSample`, the task's half: the json keys and image members it needs and how a decoded record becomes
+the sample. The default, :class:`PretrainSample`, gives the samples of
+:class:`dataset.caption_dataset.PretrainDataset` (``{'image': tensor, 'caption': str, 'bad_images': [str, ...]}``,
+``pre_caption`` applied, one caption drawn at random from a list; with ``id_key`` also ``idx``, for retrieval).
+The fine-tuning tasks define theirs next to their data sets, with the record code those share:
+``dataset.ve_dataset.VEShardSample``, ``dataset.nlvr_dataset.NLVRShardSample`` (two images, members ``left.jpg``
+and ``right.jpg``), ``dataset.vqa_dataset.VQAShardSample`` and ``dataset.grounding.GroundingShardSample``.
 
 **The stream.** Each loader worker of each rank reads its own stream, built with webdataset's ``DataPipeline``:
 ``ResampledShards`` (shards drawn at random *with replacement*) -> ``tarfile_to_samples`` -> ``shuffle`` (a buffer
@@ -49,11 +54,14 @@ batches); samples may then repeat within that epoch. The offset holds until the 
 it to 0 (the engine calls ``set_epoch`` first, then ``set_start``, at the start of every epoch).
 
 **Bad images.** A sample whose image fails to decode (:class:`dataset.images.BadImageError`) is dropped and the
-next one is used; its description (``shard:key (original path)``) goes into the next sample's ``bad_images``
-(``on_bad_image: skip`` behaviour; the epoch keeps its length). A stream with 1000 bad images in a row stops with
-an error. A sample without an image (``jpg``/``jpeg``/``png``/``webp``) or without a caption (``json``'s
-``caption``, else ``txt``, as ``img2dataset`` writes) is an error: the shards are not what this reader expects.
-So is a torn or unreadable shard (webdataset's ``reraise_exception`` handler; the message names the shard).
+next one is used; its description (``shard:key (original path)``; ``shard:key.left.jpg (path)`` for an image of
+a pair, whose other image is dropped with it) goes into the next sample's ``bad_images`` (``on_bad_image: skip``
+behaviour; the epoch keeps its length). A stream with 1000 bad images in a row stops with an error. A sample
+without an image member the task needs (``jpg``/``jpeg``/``png``/``webp``; ``left.jpg`` ... for NLVR2) or
+without a json key it needs (pre-training: ``json``'s ``caption``, else ``txt``, as ``img2dataset`` writes) is
+a ``ValueError`` naming the shard, the key and what is missing: the shards were written for another task (or by
+another tool). So is a torn or unreadable shard (webdataset's ``reraise_exception`` handler; the message names
+the shard).
 """
 from __future__ import annotations
 
@@ -137,15 +145,89 @@ class _SeededRNG:
         return False
 
 
+def image_members(name: str) -> Tuple[str, ...]:
+    """The member names an image called ``name`` may have in a shard: ``""`` -> ``jpg``, ``jpeg``, ``png``,
+    ``webp`` (one image per sample); ``"left"`` -> ``left.jpg``, ``left.jpeg``, ... (several)."""
+    return tuple(f"{name}.{ext}" if name else ext for ext in IMAGE_KEYS)
+
+
+class ShardSample:
+    """A task's half of :class:`ShardDataset`: how one decoded shard record becomes the sample the task's
+    map-style data set yields (and its collator takes). Subclasses set:
+
+    * ``task``: the name ``tools.make_shards --task`` knows these shards by (for error messages);
+    * ``keys``: the json keys every record needs (a missing one is a ``ValueError``: shards of another task);
+    * ``images``: one name per image, in order (``""``: the plain ``jpg``/... member; see :func:`image_members`);
+
+    and implement ``__call__(meta, images, where)``: ``meta`` is the json member (checked by :meth:`check`),
+    ``images`` the decoded PIL images, ``where`` ``shard:key (path)`` for messages. It returns the sample without
+    ``bad_images`` (the stream adds it) and runs under the sample's own random stream (module docstring), so the
+    transform and any random choice are reproducible. It is called in the loader workers: keep it picklable.
+    """
+
+    task: str = "pretrain"
+    keys: Tuple[str, ...] = ()
+    images: Tuple[str, ...] = ("",)
+
+    def check(self, meta: Dict[str, Any], raw: Dict[str, Any], where: str) -> Dict[str, Any]:
+        """The record's metadata, checked before anything is decoded (``raw``: the tar sample's members)."""
+        missing = [k for k in self.keys if k not in meta]
+        if missing:
+            raise ValueError(f"{where}: no {', '.join(map(repr, missing))} in the json member (keys: {sorted(meta)}; "
+                             f"members: {_members(raw)}): not shards of {self.task} records (write them with "
+                             f"python -m tools.make_shards --task {self.task})")
+        return meta
+
+    def __call__(self, meta: Dict[str, Any], images: List[Any], where: str) -> Dict[str, Any]:
+        raise NotImplementedError
+
+
+class PretrainSample(ShardSample):
+    """Pre-training (and retrieval) samples: ``{'image', 'caption', ('idx')}`` as
+    :class:`dataset.caption_dataset.PretrainDataset` (``caption``: ``pre_caption`` of the json's ``caption``, one
+    drawn at random from a list, else of the ``txt`` member); with ``id_key``, ``idx`` is
+    :func:`image_index` of that json key (e.g. ``image_id`` of retrieval records), so that every caption of an
+    image is a positive of the others."""
+
+    def __init__(self, transform: Callable, max_words: int, id_key: Optional[str] = None):
+        self.transform, self.max_words, self.id_key = transform, max_words, id_key
+
+    def check(self, meta: Dict[str, Any], raw: Dict[str, Any], where: str) -> Dict[str, Any]:
+        caption = meta.get("caption")
+        if caption is None and "txt" in raw:
+            caption = raw["txt"].decode("utf-8")
+        if not (isinstance(caption, str) or (isinstance(caption, list) and caption
+                                             and all(isinstance(c, str) for c in caption))):
+            raise ValueError(f"{where}: no caption (a string or a non-empty list in json 'caption', or a txt member)")
+        return dict(meta, caption=caption)
+
+    def __call__(self, meta: Dict[str, Any], images: List[Any], where: str) -> Dict[str, Any]:
+        caption = meta["caption"]
+        if isinstance(caption, list):
+            caption = random.choice(caption)  # before the transform: the random stream's order of old
+        sample = {"image": self.transform(images[0]), "caption": pre_caption(caption, self.max_words)}
+        if self.id_key is not None:
+            if self.id_key not in meta:
+                raise ValueError(f"{where}: no '{self.id_key}' in the json member (the image id of every "
+                                 "sample is needed here: write the shards from records that have it)")
+            sample["idx"] = image_index(meta[self.id_key])
+        return sample
+
+
+def _members(raw: Dict[str, Any]) -> List[str]:
+    return sorted(k for k in raw if not k.startswith("__"))
+
+
 class ShardDataset(IterableDataset):
-    """Pre-training samples streamed from tar shards (see the module docstring for the stream, the epoch, seeding
-    and resume).
+    """A task's training samples streamed from tar shards (see the module docstring for the stream, the epoch,
+    seeding and resume).
 
     Args:
         urls: a brace pattern (``shards/pt-{000000..000099}.tar``), several joined by ``::``, or a list of them.
             Local paths are checked to exist.
-        transform: the image transform (e.g. ``train_transform(image_res, augment)``).
-        max_words: ``pre_caption``'s word limit.
+        transform: the image transform of pre-training samples (e.g. ``train_transform(image_res, augment)``);
+            None when ``sample`` is given.
+        max_words: ``pre_caption``'s word limit of pre-training samples; None when ``sample`` is given.
         epoch_samples: samples per epoch over all ranks (``train_samples_per_epoch``).
         shuffle_buffer: samples in each worker's shuffle buffer (raw bytes, before decoding).
         seed: the run's seed.
@@ -158,20 +240,29 @@ class ShardDataset(IterableDataset):
         id_key: the json member that identifies the sample's image (e.g. ``image_id`` of retrieval records): each
             sample then carries ``idx``, that id as an int (:func:`image_index`), so that every caption of the same
             image is a positive (retrieval fine-tuning on shards).
+        sample: the task's :class:`ShardSample` (e.g. ``VEShardSample(transform, max_words)``), which brings its
+            own transform; default ``PretrainSample(transform, max_words, id_key)``.
     """
 
-    def __init__(self, urls: Union[str, Sequence[str]], transform: Callable, max_words: int, epoch_samples: int,
-                 shuffle_buffer: int = 1000, seed: int = 0, *, batch_size: int = 1,
+    def __init__(self, urls: Union[str, Sequence[str]], transform: Optional[Callable], max_words: Optional[int],
+                 epoch_samples: int, shuffle_buffer: int = 1000, seed: int = 0, *, batch_size: int = 1,
                  resampled: bool = True, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, id_key: Optional[str] = None):
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, id_key: Optional[str] = None,
+                 sample: Optional[ShardSample] = None):
         super().__init__()
-        self.id_key = id_key
+        if sample is None:
+            if transform is None or max_words is None:
+                raise ValueError("ShardDataset needs transform and max_words (pre-training samples) or a sample maker")
+            sample = PretrainSample(transform, max_words, id_key)
+        elif transform is not None or max_words is not None or id_key is not None:
+            raise ValueError(f"give either transform / max_words / id_key (pre-training samples) or sample, not both "
+                             f"(sample: {type(sample).__name__}, which has its own transform)")
+        self.sample = sample
         self.urls = expand_urls(urls)
         missing = [u for u in self.urls if _is_local(u) and not os.path.isfile(u)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shard(s) do not exist, e.g. "
                                     + ", ".join(missing[:3]))
-        self.transform, self.max_words = transform, max_words
         self.rank = du.get_rank() if rank is None else rank
         self.world_size = du.get_world_size() if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
@@ -261,32 +352,40 @@ class ShardDataset(IterableDataset):
         for position, raw in enumerate(src):
             if position < skip:
                 continue  # resumed epoch: skipped without decoding (module docstring)
-            meta, caption, data, where = self._parse(raw)
+            meta, members, where = self._parse(raw)
             with _SeededRNG(stream_seed("sample", *key, position)):
-                try:
-                    image = load_rgb(io.BytesIO(data), self.max_image_pixels)
-                except BadImageError as e:
-                    bad.append(f"{where}: {e.reason}" + (f" ({e.detail})" if e.detail else ""))
-                    bad_in_a_row += 1
-                    if bad_in_a_row >= MAX_BAD_IN_A_ROW:
-                        raise RuntimeError(f"{bad_in_a_row} bad images in a row in the shard stream, the last "
-                                           f"{bad[-1]}; check the shards ({self.urls[0]}, ...)") from e
-                    continue
-                if isinstance(caption, list):
-                    caption = random.choice(caption)
-                sample = {"image": self.transform(image), "caption": pre_caption(caption, self.max_words),
-                          "bad_images": bad}
-                if self.id_key is not None:
-                    if self.id_key not in meta:
-                        raise ValueError(f"{where}: no '{self.id_key}' in the json member (the image id of every "
-                                         "sample is needed here: write the shards from records that have it)")
-                    sample["idx"] = image_index(meta[self.id_key])
+                sample = None
+                images = []
+                for i, (member, data) in enumerate(members):
+                    try:
+                        images.append(load_rgb(io.BytesIO(data), self.max_image_pixels))
+                    except BadImageError as e:
+                        bad.append(f"{self._image_where(where, meta, i, member)}: {e.reason}"
+                                   + (f" ({e.detail})" if e.detail else ""))
+                        bad_in_a_row += 1
+                        if bad_in_a_row >= MAX_BAD_IN_A_ROW:
+                            raise RuntimeError(f"{bad_in_a_row} bad images in a row in the shard stream, the last "
+                                               f"{bad[-1]}; check the shards ({self.urls[0]}, ...)") from e
+                        break  # the whole record is dropped (both images of a pair)
+                else:
+                    sample = self.sample(meta, images, where)
+            if sample is None:
+                continue
+            sample["bad_images"] = bad
             bad, bad_in_a_row = [], 0
-            yield sample
+            yield sample  # outside the seeded block: the consumer runs under its own random state
 
-    @staticmethod
-    def _parse(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], Union[str, List[str]], bytes, str]:
-        """``(json metadata, caption(s), image bytes, description for messages)`` of a raw tar sample."""
+    def _image_where(self, where: str, meta: Dict[str, Any], i: int, member: str) -> str:
+        """``where`` of one image: the record's for a single image; ``shard:key.member (path)`` for several."""
+        if len(self.sample.images) == 1:
+            return where
+        paths = meta.get("image_paths")
+        ok = isinstance(paths, list) and len(paths) == len(self.sample.images)
+        return f"{where}.{member}" + (f" ({paths[i]})" if ok else "")
+
+    def _parse(self, raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Tuple[str, bytes]], str]:
+        """``(json metadata checked by the task, [(member, image bytes), ...], description for messages)`` of a raw
+        tar sample."""
         where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
         meta: Dict[str, Any] = {}
         if "json" in raw:
@@ -298,17 +397,17 @@ class ShardDataset(IterableDataset):
                 raise ValueError(f"{where}: the json member is not an object")
         if "image_path" in meta or "image" in meta:
             where += f" ({meta.get('image_path', meta.get('image'))})"
-        caption = meta.get("caption")
-        if caption is None and "txt" in raw:
-            caption = raw["txt"].decode("utf-8")
-        if not (isinstance(caption, str) or (isinstance(caption, list) and caption
-                                             and all(isinstance(c, str) for c in caption))):
-            raise ValueError(f"{where}: no caption (a string or a non-empty list in json 'caption', or a txt member)")
-        data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
-        if data is None:
-            raise ValueError(f"{where}: no image member ({'/'.join(IMAGE_KEYS)}); members: "
-                             f"{sorted(k for k in raw if not k.startswith('__'))}")
-        return meta, caption, data, where
+        meta = self.sample.check(meta, raw, where)
+        members = []
+        for name in self.sample.images:
+            names = image_members(name)
+            member = next((k for k in names if k in raw), None)
+            if member is None:
+                raise ValueError(f"{where}: no image member ({'/'.join(names)}); members: {_members(raw)}"
+                                 + ("" if self.sample.task == "pretrain" else
+                                    f" (python -m tools.make_shards --task {self.sample.task} writes them)"))
+            members.append((member, raw[member]))
+        return meta, members, where
 
 
 class ShardSampler:
@@ -328,19 +427,22 @@ class ShardSampler:
         return len(self.dataset)
 
 
-def create_shard_loader(urls: Union[str, Sequence[str]], transform: Callable, max_words: int, batch_size: int,
-                        num_workers: int, seed: int, epoch_samples: int, collate_fn: Optional[Callable] = None,
+def create_shard_loader(urls: Union[str, Sequence[str]], transform: Optional[Callable], max_words: Optional[int],
+                        batch_size: int, num_workers: int, seed: int, epoch_samples: int,
+                        collate_fn: Optional[Callable] = None,
                         shuffle_buffer: int = 1000, *, persistent_workers: bool = True, prefetch_factor: int = 2,
-                        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, id_key: Optional[str] = None
-                        ) -> Tuple[DataLoader, ShardSampler]:
+                        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, id_key: Optional[str] = None,
+                        sample: Optional[ShardSample] = None) -> Tuple[DataLoader, ShardSampler]:
     """The training loader over shards: ``(loader, sampler)`` with ``len(loader)`` = ``epoch_samples //
     (batch_size * world_size)`` batches per rank, every one of ``batch_size`` samples; ``sampler.set_epoch(e)``
-    every epoch (the engine does) and ``sampler.set_start(n)`` to resume inside one. Raises ``ValueError`` when
-    ``epoch_samples`` gives no whole batch per rank, ``FileNotFoundError`` for a missing local shard."""
+    every epoch (the engine does) and ``sampler.set_start(n)`` to resume inside one. Pre-training samples from
+    ``transform``, ``max_words`` (and ``id_key``), or the task's ``sample`` (then ``transform`` and ``max_words``
+    are None), as :class:`ShardDataset`. Raises ``ValueError`` when ``epoch_samples`` gives no whole batch per
+    rank, ``FileNotFoundError`` for a missing local shard."""
     from dataset.sampling import ignore_stop_signals, shutdown_workers_at_exit
 
     dataset = ShardDataset(urls, transform, max_words, epoch_samples, shuffle_buffer, seed, batch_size=batch_size,
-                           max_image_pixels=max_image_pixels, id_key=id_key)
+                           max_image_pixels=max_image_pixels, id_key=id_key, sample=sample)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
                         pin_memory=torch.cuda.is_available(), drop_last=True,
                         generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG

@@ -5,18 +5,69 @@ Records: ``{"question", "image" (relative to the root of its data set), "dataset
 each distinct answer with weight ``count / number of answers`` (VQA) or a single answer with weight 0.5 (VG), as
 the original ``vqa_dataset``; test samples carry ``question_id`` and, when the file has them, the annotators'
 answers (for a local accuracy; the official test set has none).
+
+:func:`record_fields` and :func:`image_paths` turn a record into a sample's fields and image path; the JSON data
+set (:class:`VQADataset`), the shard stream (:class:`VQAShardSample`, training samples) and
+``tools.make_shards --task vqa`` share them.
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from dataset.caption_dataset import load_json_list, resolve_image
 from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, ImageLoader, describe_roots, load_first_readable
+from dataset.shards import ShardSample
 from dataset.text import pre_question
+
+
+def required_keys(split: str) -> Tuple[str, ...]:
+    """The keys every record of ``split`` needs."""
+    return ("question", "image", "answer") if split == "train" else ("question", "image", "question_id")
+
+
+def record_kind(rec: Dict[str, Any], where: str) -> str:
+    """``'vqa'`` or ``'vg'``: the record's ``dataset`` (default ``'vqa'``); ``ValueError`` for anything else."""
+    kind = rec.get("dataset", "vqa")
+    if kind not in ("vqa", "vg"):
+        raise ValueError(f"{where} has dataset {kind!r}; expected 'vqa' or 'vg'")
+    return kind
+
+
+def answer_weights(answer, kind: str, where: str):
+    """``(answers, weights)``: each distinct VQA answer with ``count / number of answers``; a VG answer with 0.5."""
+    if kind == "vg":
+        if not isinstance(answer, str):
+            raise ValueError(f"{where}: a 'vg' answer must be a string, got {answer!r}")
+        return [answer], [0.5]
+    if not isinstance(answer, list) or not answer:
+        raise ValueError(f"{where}: a 'vqa' answer must be a non-empty list, got {answer!r}")
+    counts = Counter(answer)
+    return list(counts), [c / len(answer) for c in counts.values()]
+
+
+def record_fields(rec: Dict[str, Any], split: str, max_ques_words: int, where: str) -> Dict[str, Any]:
+    """A record's sample fields but the image: train ``{'question', 'answers', 'weights'}``, test ``{'question',
+    'question_id', ('gt')}``; ``ValueError`` (prefixed ``where``) for a malformed record."""
+    kind = record_kind(rec, where)
+    item: Dict[str, Any] = {"question": pre_question(rec["question"], max_ques_words)}
+    if split == "train":
+        item["answers"], item["weights"] = answer_weights(rec["answer"], kind, where)
+    else:
+        item["question_id"] = int(rec["question_id"])
+        if "answer" in rec:
+            item["gt"] = rec["answer"] if isinstance(rec["answer"], list) else [rec["answer"]]
+    return item
+
+
+def image_paths(rec: Dict[str, Any], vqa_root: Optional[str], vg_root: Optional[str], ann_file: str,
+                where: str) -> List[str]:
+    """``[path]``: the record's image resolved against ``vg_root`` (``dataset: vg``) or ``vqa_root``."""
+    root = vg_root if record_kind(rec, where) == "vg" else vqa_root
+    return [resolve_image(rec["image"], root, ann_file)]
 
 
 class VQADataset(BadImagePolicy, Dataset):
@@ -37,38 +88,16 @@ class VQADataset(BadImagePolicy, Dataset):
         self.split = split
         self.records: List[Dict[str, Any]] = []
         for f in ann_files:
-            required = ("question", "image", "answer") if split == "train" else ("question", "image", "question_id")
-            for i, rec in enumerate(load_json_list(f, required)):
-                kind = rec.get("dataset", "vqa")
-                if kind not in ("vqa", "vg"):
-                    raise ValueError(f"{f}: record {i} has dataset {kind!r}; expected 'vqa' or 'vg'")
-                root = vg_root if kind == "vg" else vqa_root
-                item = {"image": resolve_image(rec["image"], root, f),
-                        "question": pre_question(rec["question"], max_ques_words)}
-                if split == "train":
-                    item["answers"], item["weights"] = self._answer_weights(rec["answer"], kind, f, i)
-                else:
-                    item["question_id"] = int(rec["question_id"])
-                    if "answer" in rec:
-                        item["gt"] = rec["answer"] if isinstance(rec["answer"], list) else [rec["answer"]]
-                self.records.append(item)
+            for i, rec in enumerate(load_json_list(f, required_keys(split))):
+                where = f"{f}: record {i}"
+                path = image_paths(rec, vqa_root, vg_root, f, where)[0]
+                self.records.append({"image": path, **record_fields(rec, split, max_ques_words, where)})
         if not self.records:
             raise ValueError(f"no records in {list(ann_files)}")
         self.transform = transform
         self.load = ImageLoader(on_bad_image, max_image_pixels)
         self.where = (f"annotation files {list(ann_files)}; vqa_root: {describe_roots(ann_files, vqa_root)}; "
                       f"vg_root: {describe_roots(ann_files, vg_root)}")
-
-    @staticmethod
-    def _answer_weights(answer, kind: str, path: str, index: int):
-        if kind == "vg":
-            if not isinstance(answer, str):
-                raise ValueError(f"{path}: record {index}: a 'vg' answer must be a string, got {answer!r}")
-            return [answer], [0.5]
-        if not isinstance(answer, list) or not answer:
-            raise ValueError(f"{path}: record {index}: a 'vqa' answer must be a non-empty list, got {answer!r}")
-        counts = Counter(answer)
-        return list(counts), [c / len(answer) for c in counts.values()]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -80,6 +109,21 @@ class VQADataset(BadImagePolicy, Dataset):
         out["image"] = self.transform(image)
         out["bad_images"] = bad
         return out
+
+
+class VQAShardSample(ShardSample):
+    """:class:`VQADataset`'s training samples (``split='train'``) from shards written by ``tools.make_shards --task
+    vqa`` (the json member holds the record: ``question``, ``answer``, ``dataset``, ...)."""
+
+    task = "vqa"
+    keys = ("question", "answer")
+
+    def __init__(self, transform, max_ques_words: int = 30):
+        self.transform, self.max_ques_words = transform, max_ques_words
+
+    def __call__(self, meta: Dict[str, Any], images: List[Any], where: str) -> Dict[str, Any]:
+        fields = record_fields(meta, "train", self.max_ques_words, where)
+        return {**fields, "image": self.transform(images[0])}
 
 
 def tokenize_answers(tokenizer, answers: Sequence[str]) -> Dict[str, torch.Tensor]:

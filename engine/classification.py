@@ -3,7 +3,8 @@
 
 The recipe: evaluate val and test after every epoch, keep ``checkpoint_best.pth`` by val accuracy, log
 ``val_acc`` / ``test_acc`` (fractions, as the original) with the training losses in ``log.txt``; with
-``--evaluate`` only evaluate and write ``eval_{val,test}.json``.
+``--evaluate`` only evaluate and write ``eval_{val,test}.json``. Training reads ``train_file``, or streams
+``train_shards`` (``python -m tools.make_shards --task ve|nlvr``) with ``train_samples_per_epoch``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from dataset import CaptionCollator
 from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
+from dataset.shards import ShardSample
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import atomic_save
 from engine.recipe import ModelKeys, add_resume_arg, make_trainer, ramped_alpha
@@ -49,6 +51,10 @@ class ClassifierConfig(ModelKeys, TrainOptions):
         lr=2e-5, epochs=5, min_lr=1e-6, warmup_lr=1e-5, warmup_epochs=1), metadata={"aliases": ["schedular"]})
     eval_ema: bool = False  # in the original NLVR.yaml; never read there either
     # ---- new keys
+    # webdataset shards of the train records (python -m tools.make_shards --task ve / --task nlvr) instead of
+    # train_file: brace pattern, several joined by ::, or a list
+    train_shards: Union[str, List[str], None] = None
+    train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     max_words: int = 30  # words kept by pre_caption
     max_tokens: int = 100  # tokenizer truncation (the original does not truncate these short sentences)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=[0.5, 1.0]))
@@ -58,8 +64,10 @@ class ClassifierConfig(ModelKeys, TrainOptions):
     def __post_init__(self):
         super().__post_init__()
         check_image_options(self.on_bad_image, self.max_image_pixels)
-        if not self.train_file:
-            raise ValueError("train_file is required")
+        if not self.train_file and not self.train_shards:
+            raise ValueError("train_file (a JSON file or a list of them) or train_shards is required")
+        if self.train_shards and not (self.train_samples_per_epoch or 0) > 0:
+            raise ValueError("train_samples_per_epoch (samples per epoch over all ranks) is required with train_shards")
         if self.batch_size is not None:
             self.batch_size_train = self.batch_size_test = self.batch_size
         if self.batch_size_train < 1 or self.batch_size_test < 1:
@@ -96,12 +104,14 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, collate_fn)
 
 
 def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Module, tokenizer,
-                   device: torch.device, make_dataset: Callable[[Union[str, List[str]], Callable], Dataset]
-                   ) -> Dict[str, Dict[str, float]]:
+                   device: torch.device, make_dataset: Callable[[Union[str, List[str]], Callable], Dataset],
+                   make_shard_sample: Callable[[Callable], ShardSample]) -> Dict[str, Dict[str, float]]:
     """Fine-tune (or with ``--evaluate`` only evaluate) ``model`` (weights already loaded) on ``cfg``'s files.
 
-    ``make_dataset(files, transform)`` builds a data set whose samples carry ``label``. Returns
-    ``{"val": {"acc": ...}, "test": {"acc": ...}}`` at the best epoch (or the evaluated model).
+    ``make_dataset(files, transform)`` builds a data set whose samples carry ``label``;
+    ``make_shard_sample(transform)`` the :class:`dataset.shards.ShardSample` giving the same samples from
+    ``train_shards``. Returns ``{"val": {"acc": ...}, "test": {"acc": ...}}`` at the best epoch (or the
+    evaluated model).
     """
     collate = CaptionCollator(tokenizer, min(cfg.max_tokens, model.cfg.bert.max_position_embeddings))
     eval_sets = {split: eval_loader(make_dataset(path, eval_transform(cfg.image_res)).set_image_options(
@@ -131,9 +141,14 @@ def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Mo
                 f.write(json.dumps({**flat, "epoch": 0}) + "\n")
         return results
 
-    dataset = make_dataset(cfg.train_file, train_transform(cfg.image_res, cfg.augment)).set_image_options(
-        cfg.on_bad_image, cfg.max_image_pixels)
-    trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train, collate, device)
+    transform = train_transform(cfg.image_res, cfg.augment)
+    dataset = shard_sample = None  # with train_shards, make_trainer streams the shards (bad images skipped)
+    if cfg.train_shards:
+        shard_sample = make_shard_sample(transform)
+    else:
+        dataset = make_dataset(cfg.train_file, transform).set_image_options(cfg.on_bad_image, cfg.max_image_pixels)
+    trainer, loader, sampler = make_trainer(args, cfg, model, dataset, cfg.batch_size_train, collate, device,
+                                            shard_sample=shard_sample)
 
     def train_step(module, batch, ctx):
         alpha = ramped_alpha(cfg.alpha, cfg.warm_up, ctx)

@@ -5,7 +5,7 @@ import argparse
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from models.albef import ALBEFConfig
 from models.bert import BertConfig
 from models.vit import VisionConfig
 from utils.config import ConfigError
+
+if TYPE_CHECKING:
+    from dataset.shards import ShardSample
 
 
 @dataclass
@@ -91,12 +94,16 @@ def ramped_alpha(alpha: float, warm_up: bool, ctx) -> float:
 
 
 def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int, collate_fn, device,
-                 shard_id_key: Optional[str] = None):
+                 shard_id_key: Optional[str] = None, shard_sample: Optional[ShardSample] = None):
     """The training half every script shares: a resumable epoch-seeded sampler and loader over ``dataset`` (every
     sample under its own random stream, see ``dataset/sampling.py``) -- or, when ``cfg.train_shards`` is set (and
-    ``dataset`` is None), a stream over webdataset shards (``dataset/shards.py``; ``shard_id_key``: the json member
-    whose value becomes each sample's ``idx``, for retrieval fine-tuning) -- the optimizer and per-step
+    ``dataset`` is None), a stream over webdataset shards (``dataset/shards.py``) -- the optimizer and per-step
     scheduler of ``cfg``, the :class:`~engine.trainer.Trainer` and ``--resume`` (if the script has it).
+
+    The shards' samples: ``shard_sample``, the task's :class:`dataset.shards.ShardSample` with its transform
+    (e.g. ``VEShardSample(train_transform(...), cfg.max_words)``), the same samples as the task's JSON data set
+    so that ``collate_fn`` serves both; by default pre-training samples (``train_transform(cfg.image_res,
+    cfg.augment)``, ``cfg.max_words``), with ``idx`` from the json member ``shard_id_key`` (retrieval).
     Returns ``(trainer, loader, sampler)``."""
     from dataset.sampling import create_train_loader
     from engine.resume import resolve_resume_path
@@ -110,13 +117,15 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
     run_info = {"seed": args.seed}
     try:
         if shards:
-            from dataset.shards import create_shard_loader
+            from dataset.shards import PretrainSample, create_shard_loader
             from dataset.transforms import train_transform
 
+            if shard_sample is None:
+                shard_sample = PretrainSample(train_transform(cfg.image_res, cfg.augment), cfg.max_words, shard_id_key)
             loader, sampler = create_shard_loader(
-                shards, train_transform(cfg.image_res, cfg.augment), cfg.max_words, batch_size, cfg.num_workers,
-                args.seed, cfg.train_samples_per_epoch, collate_fn, persistent_workers=cfg.persistent_workers,
-                prefetch_factor=cfg.prefetch_factor, max_image_pixels=cfg.max_image_pixels, id_key=shard_id_key)
+                shards, None, None, batch_size, cfg.num_workers, args.seed, cfg.train_samples_per_epoch, collate_fn,
+                persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor,
+                max_image_pixels=cfg.max_image_pixels, sample=shard_sample)
             run_info["num_workers"] = cfg.num_workers  # each worker streams its own sequence of the shards
             n_samples = f"{cfg.train_samples_per_epoch} samples per epoch streamed from {shards}"
         else:

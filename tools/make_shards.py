@@ -1,31 +1,48 @@
-"""Convert annotation JSON files (pre-training / retrieval-train format) into webdataset tar shards.
+"""Convert annotation JSON files into webdataset tar shards, for any task that trains from ``train_shards``.
 
     python -m tools.make_shards --ann data/synthetic/pretrain.json --out shards/pretrain-%06d.tar
     python -m tools.make_shards --ann cc3m.json --ann sbu.json --image_root /data --out /fast/pt-%06d.tar \\
         --samples_per_shard 1000 --max_side 384 --quality 90 --workers 16
+    python -m tools.make_shards --task ve --ann data/ve_train.json --image_root /data/flickr30k --out ve/x-%06d.tar
+    python -m tools.make_shards --task nlvr --ann data/nlvr_train.json --image_root /data/nlvr2 --out nlvr/x-%06d.tar
+    python -m tools.make_shards --task vqa --ann data/vqa_train.json --ann data/vg_qa.json \\
+        --vqa_root /data/coco --vg_root /data/vg --out vqa/x-%06d.tar
+    python -m tools.make_shards --task grounding --ann data/refcoco+_train.json --image_root /data/coco \\
+        --out grounding/x-%06d.tar
 
-Input: JSON lists of records ``{"image": path, "caption": str | [str, ...], ...}`` (the pre-training format; the
-retrieval-train format's extra keys such as ``image_id`` are kept). Relative image paths are resolved against
-``--image_root``, else the JSON file's folder, as the data sets do. NLVR2 (``images``), VQA and SNLI-VE files are
-out of scope.
+``--task`` (default ``pretrain``) says what the records are, and which script reads the shards (``train_shards``):
+
+* ``pretrain``: ``{"image": path, "caption": str | [str, ...], ...}``, the pre-training format, and the
+  retrieval-train format (its ``image_id`` is kept): ``Pretrain.py``, ``Pretrain_nlvr.py``, ``Retrieval.py``;
+* ``ve``: SNLI-VE ``{"image": id without extension, "sentence", "label"}`` (the file ``<image>.jpg``): ``VE.py``;
+* ``nlvr``: NLVR2 ``{"images": [left, right], "sentence", "label"}``, two images per sample: ``NLVR.py``;
+* ``vqa``: VQA / VG QA training records ``{"question", "image", "answer", "dataset": "vqa" | "vg"}``, the image
+  resolved against ``--vqa_root`` or ``--vg_root`` by ``dataset``: ``VQA.py``;
+* ``grounding``: RefCOCO+ ``{"image", "text", ...}``: ``Grounding.py``.
+
+Each record is checked, and its image paths resolved, by the same code as the task's JSON data set (so a record
+that data set would refuse stops the conversion here). Relative image paths are resolved against ``--image_root``
+(``--vqa_root`` / ``--vg_root`` for VQA), else the JSON file's folder, as the data sets do.
 
 Output: tar shards written with webdataset's ``TarWriter``, ``--samples_per_shard`` samples each (the last one may
 hold fewer), in the order of the records (``--ann`` files concatenated). Each sample has
 
 * ``__key__``: the record's index over all ``--ann`` files, zero-padded (``000000042``); it does not change with
   the worker count, and a skipped bad image leaves a gap;
-* ``jpg``: the image. The file's own bytes when it is a JPEG that needs no resizing (no ``--max_side``, or its
-  longer side is already at most ``--max_side``); otherwise the image decoded with
-  :func:`dataset.images.load_rgb` (16-bit greys scaled, CMYK converted, transparency composited on white),
-  resized (bicubic, antialiased) so its longer side is at most ``--max_side`` keeping the aspect ratio, and
-  re-encoded as an RGB JPEG at ``--quality``. Every image is fully decoded once, kept or not;
+* ``jpg`` (``nlvr``: ``left.jpg`` and ``right.jpg``, the record's ``images`` in order): the image. The file's own
+  bytes when it is a JPEG that needs no resizing (no ``--max_side``, or its longer side is already at most
+  ``--max_side``); otherwise the image decoded with :func:`dataset.images.load_rgb` (16-bit greys scaled, CMYK
+  converted, transparency composited on white), resized (bicubic, antialiased) so its longer side is at most
+  ``--max_side`` keeping the aspect ratio, and re-encoded as an RGB JPEG at ``--quality``. Every image is fully
+  decoded once, kept or not;
 * ``json``: the record's keys (``caption``, ``image`` as written in the JSON, ``image_id``, ...) plus
-  ``image_path``, the resolved path that was read.
+  ``image_path``, the resolved path that was read (``nlvr``: ``image_paths``, both).
 
 Bad images (:class:`dataset.images.BadImageError`: missing, truncated, corrupt, over ``--max_image_pixels``, ...)
 are skipped, counted in the summary and written one JSON line each (``file``, ``index``, ``image``, ``reason``,
-``detail``) to ``--bad_out`` (default ``bad_records.jsonl`` next to the shards; written even when empty). A
-structurally wrong record (no ``image`` or ``caption``, an empty caption list) stops the conversion: fix the JSON.
+``detail``) to ``--bad_out`` (default ``bad_records.jsonl`` next to the shards; written even when empty); an NLVR2
+pair with a bad image is skipped whole. A structurally wrong record (no ``image`` or ``caption``, an empty caption
+list, an unknown label, ...) stops the conversion: fix the JSON.
 
 Each shard is written to ``NAME.tmp`` and renamed when complete, so a killed conversion never leaves a torn shard
 under a final name. The output is byte-for-byte the same for any ``--workers`` (tar mtimes are 0). An existing
@@ -71,22 +88,88 @@ def _positive(value: str) -> int:
     return n
 
 
-def read_records(ann_files: Sequence[str], image_root: Optional[str]) -> List[Dict[str, Any]]:
-    """All records of ``ann_files`` in order, each with ``_file``, ``_index`` (in its file) and ``_path`` (the
-    resolved image path) added. Raises ``ValueError`` / ``FileNotFoundError`` naming the file and record."""
-    from dataset.caption_dataset import load_json_list, resolve_image
+TASKS = ("pretrain", "ve", "nlvr", "vqa", "grounding")
 
+
+def image_members(task: str) -> Tuple[str, ...]:
+    """The tar members of a sample's images, one per image of a record: ``jpg``, or NLVR2's ``left.jpg`` and
+    ``right.jpg`` (what ``dataset.shards.ShardDataset`` reads)."""
+    if task == "nlvr":
+        from dataset.nlvr_dataset import IMAGE_MEMBERS
+
+        return tuple(f"{name}.jpg" for name in IMAGE_MEMBERS)
+    return ("jpg",)
+
+
+def _pretrain_record(rec: Dict[str, Any], f: str, i: int, roots: Dict[str, Optional[str]]) -> List[str]:
+    from dataset.caption_dataset import resolve_image
+
+    cap = rec["caption"]
+    ok = isinstance(cap, str) or (isinstance(cap, list) and cap and all(isinstance(c, str) for c in cap))
+    if not ok:
+        raise ValueError(f"{f}: record {i}: caption must be a string or a non-empty list of strings: "
+                         f"{json.dumps(rec)[:200]}")
+    if not isinstance(rec["image"], str) or not rec["image"]:
+        raise ValueError(f"{f}: record {i}: image must be a non-empty path: {json.dumps(rec)[:200]}")
+    return [resolve_image(rec["image"], roots["image_root"], f)]
+
+
+def _task_reader(task: str):
+    """``(required keys, check(rec, file, index, roots) -> resolved image paths)`` of ``task``: the checks and
+    paths of the task's JSON data set."""
+    if task == "pretrain":
+        return ("image", "caption"), _pretrain_record
+    if task == "ve":
+        from dataset import ve_dataset as ve
+
+        def check(rec, f, i, roots):
+            ve.record_fields(rec, 30, f"{f}: record {i}")
+            return ve.image_paths(rec, roots["image_root"], f)
+
+        return ve.REQUIRED, check
+    if task == "nlvr":
+        from dataset import nlvr_dataset as nlvr
+
+        def check(rec, f, i, roots):
+            paths = nlvr.image_paths(rec, roots["image_root"], f, f"{f}: record {i}")
+            nlvr.record_fields(rec, 30, f"{f}: record {i}")
+            return paths
+
+        return nlvr.REQUIRED, check
+    if task == "vqa":
+        from dataset import vqa_dataset as vqa
+
+        def check(rec, f, i, roots):
+            paths = vqa.image_paths(rec, roots["vqa_root"], roots["vg_root"], f, f"{f}: record {i}")
+            vqa.record_fields(rec, "train", 30, f"{f}: record {i}")
+            return paths
+
+        return vqa.required_keys("train"), check
+    if task == "grounding":
+        from dataset import grounding
+        from dataset.caption_dataset import resolve_image
+
+        def check(rec, f, i, roots):
+            grounding.record_fields(rec, "train", 30, f"{f}: record {i}")
+            return [resolve_image(rec["image"], roots["image_root"], f)]
+
+        return grounding.required_keys("train"), check
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def read_records(ann_files: Sequence[str], image_root: Optional[str], task: str = "pretrain",
+                 vqa_root: Optional[str] = None, vg_root: Optional[str] = None) -> List[Dict[str, Any]]:
+    """All records of ``ann_files`` in order, each with ``_file``, ``_index`` (in its file) and ``_paths`` (the
+    resolved image paths, one per member of :func:`image_members`) added. Raises ``ValueError`` /
+    ``FileNotFoundError`` naming the file and record."""
+    from dataset.caption_dataset import load_json_list
+
+    required, check = _task_reader(task)
+    roots = {"image_root": image_root, "vqa_root": vqa_root, "vg_root": vg_root}
     out: List[Dict[str, Any]] = []
     for f in ann_files:
-        for i, rec in enumerate(load_json_list(f, ("image", "caption"))):
-            cap = rec["caption"]
-            ok = isinstance(cap, str) or (isinstance(cap, list) and cap and all(isinstance(c, str) for c in cap))
-            if not ok:
-                raise ValueError(f"{f}: record {i}: caption must be a string or a non-empty list of strings: "
-                                 f"{json.dumps(rec)[:200]}")
-            if not isinstance(rec["image"], str) or not rec["image"]:
-                raise ValueError(f"{f}: record {i}: image must be a non-empty path: {json.dumps(rec)[:200]}")
-            out.append(dict(rec, _file=f, _index=i, _path=resolve_image(rec["image"], image_root, f)))
+        for i, rec in enumerate(load_json_list(f, required)):
+            out.append(dict(rec, _file=f, _index=i, _paths=check(rec, f, i, roots)))
     return out
 
 
@@ -115,13 +198,16 @@ def encode_image(path: str, max_side: Optional[int], quality: int,
     return buf.getvalue(), im.size
 
 
-def _convert(job: Tuple[int, str, Optional[int], int, Optional[int]]):
-    index, path, max_side, quality, max_pixels = job
-    try:
-        data, _ = encode_image(path, max_side, quality, max_pixels)
-        return index, data, None
-    except BadImageError as e:
-        return index, None, (e.reason, e.detail)
+def _convert(job: Tuple[int, Tuple[str, ...], Optional[int], int, Optional[int]]):
+    """``(index, [bytes per image], [(path, reason, detail) per bad image])``: every image is tried."""
+    index, paths, max_side, quality, max_pixels = job
+    datas, errors = [], []
+    for path in paths:
+        try:
+            datas.append(encode_image(path, max_side, quality, max_pixels)[0])
+        except BadImageError as e:
+            errors.append((path, e.reason, e.detail))
+    return index, datas, errors
 
 
 class _Shards:
@@ -190,21 +276,29 @@ def brace_pattern(pattern: str, num_shards: int) -> str:
 def make_shards(ann_files: Sequence[str], out: str, image_root: Optional[str] = None, samples_per_shard: int = 1000,
                 max_side: Optional[int] = None, quality: int = 90, workers: int = 0,
                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, overwrite: bool = False,
-                progress: bool = False) -> Dict[str, Any]:
-    """Write the shards; returns the summary: ``samples``, ``bad`` (list of bad-record dicts), ``shards`` (paths),
-    ``bytes``, ``seconds``, ``pattern`` (brace form for ``train_shards``)."""
+                progress: bool = False, *, task: str = "pretrain", vqa_root: Optional[str] = None,
+                vg_root: Optional[str] = None) -> Dict[str, Any]:
+    """Write the shards of ``task``'s records (``vqa_root`` / ``vg_root``: VQA's image roots); returns the summary:
+    ``records``, ``samples``, ``bad`` (list of bad-image dicts), ``shards`` (paths), ``bytes``, ``seconds``,
+    ``pattern`` (brace form for ``train_shards``)."""
     try:
         out % 0
     except (TypeError, ValueError):
         raise ValueError(f"--out must contain one integer field such as %06d, got {out!r}") from None
     if out % 0 == out % 1:
         raise ValueError(f"--out must contain one integer field such as %06d, got {out!r}")
+    if task == "vqa" and image_root:
+        raise ValueError("--task vqa resolves images with --vqa_root / --vg_root (by each record's dataset), "
+                         "not --image_root")
+    if task != "vqa" and (vqa_root or vg_root):
+        raise ValueError("--vqa_root / --vg_root are for --task vqa; the other tasks take --image_root")
     if os.path.exists(out % 0) and not overwrite:
         raise FileExistsError(f"{out % 0} exists; pass --overwrite to replace these shards")
     t0 = time.time()
-    records = read_records(ann_files, image_root)
+    records = read_records(ann_files, image_root, task, vqa_root, vg_root)
+    members = image_members(task)
     width = max(9, len(str(max(len(records) - 1, 0))))
-    jobs = [(i, r["_path"], max_side, quality, max_image_pixels) for i, r in enumerate(records)]
+    jobs = [(i, tuple(r["_paths"]), max_side, quality, max_image_pixels) for i, r in enumerate(records)]
     shards = _Shards(out, samples_per_shard)
     bad: List[Dict[str, Any]] = []
     samples = 0
@@ -214,17 +308,20 @@ def make_shards(ann_files: Sequence[str], out: str, image_root: Optional[str] = 
 
         bar = tqdm(total=len(jobs), desc="shards", unit="img", file=sys.stderr)
     try:
-        for index, data, error in _results(jobs, workers):
+        for index, datas, errors in _results(jobs, workers):
             rec = records[index]
             if bar is not None:
                 bar.update()
-            if error is not None:
-                bad.append({"file": rec["_file"], "index": rec["_index"], "image": rec["_path"], "reason": error[0],
-                            "detail": error[1]})
+            if errors:  # the whole record is skipped (both images of a pair)
+                bad.extend({"file": rec["_file"], "index": rec["_index"], "image": path, "reason": reason,
+                            "detail": detail} for path, reason, detail in errors)
                 continue
             meta = {k: v for k, v in rec.items() if not k.startswith("_")}
-            meta["image_path"] = rec["_path"]
-            shards.write({"__key__": f"{index:0{width}d}", "jpg": data,
+            if len(members) == 1:
+                meta["image_path"] = rec["_paths"][0]
+            else:
+                meta["image_paths"] = rec["_paths"]
+            shards.write({"__key__": f"{index:0{width}d}", **dict(zip(members, datas)),
                           "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
             samples += 1
     finally:
@@ -241,8 +338,12 @@ def make_shards(ann_files: Sequence[str], out: str, image_root: Optional[str] = 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, default="pretrain",
+                   help="what the records are (default: pre-training / retrieval-train records)")
     p.add_argument("--ann", action="append", required=True, help="annotation JSON file (repeat for more)")
     p.add_argument("--image_root", default=None, help="prefix for relative image paths (default: the JSON's folder)")
+    p.add_argument("--vqa_root", default=None, help="--task vqa: prefix for the images of 'dataset: vqa' records")
+    p.add_argument("--vg_root", default=None, help="--task vqa: prefix for the images of 'dataset: vg' records")
     p.add_argument("--out", required=True, help="shard path pattern with an integer field, e.g. shards/pt-%%06d.tar")
     p.add_argument("--samples_per_shard", type=_positive, default=1000)
     p.add_argument("--max_side", type=_positive, default=None,
@@ -265,7 +366,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         s = make_shards(args.ann, args.out, args.image_root, args.samples_per_shard, args.max_side, args.quality,
-                        args.workers, args.max_image_pixels, args.overwrite, progress=not args.no_progress)
+                        args.workers, args.max_image_pixels, args.overwrite, progress=not args.no_progress,
+                        task=args.task, vqa_root=args.vqa_root, vg_root=args.vg_root)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"make_shards: {e}", file=sys.stderr)
         return 2
