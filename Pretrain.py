@@ -22,7 +22,7 @@ from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from dataset.caption_logic import consistent_at_1
 from dataset.text import pre_caption
-from engine.retrieval import itc_retrieval, save_examples
+from engine.retrieval import itc_retrieval, itm_rerank_scores, recall_metrics, save_examples
 from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
 from engine.trainer import TrainOptions, print0
 from models.albef import ALBEF, check_objectives
@@ -51,7 +51,11 @@ class PretrainConfig(ModelKeys, TrainOptions):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     on_bad_image: str = "skip"  # skip (the next record is used; reported in batch["bad_images"]) or raise
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
-    test_file: Optional[str] = None  # retrieval-format JSON evaluated zero-shot (ITC) after every epoch
+    test_file: Optional[str] = None  # retrieval-format JSON evaluated zero-shot after every epoch
+    # zero-shot evaluation: null = ranked by ITC similarity alone; k = the original retrieval protocol (the top k
+    # candidates of every image and text by ITC re-scored by the ITM head, rerank_score as in Retrieval.py)
+    k_test: Optional[int] = None
+    rerank_score: str = "itm"  # itm (the original) or itm+itc (BLIP)
     train_shards: Union[str, List[str], None] = None  # webdataset tar shards (python -m tools.make_shards) instead
     train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     batch_size_test: int = 64
@@ -77,6 +81,10 @@ class PretrainConfig(ModelKeys, TrainOptions):
         check_image_options(self.on_bad_image, self.max_image_pixels)
         if self.tokenizer is None and self.text_encoder is None:
             raise ValueError("tokenizer must be given when text_encoder is null")
+        if self.k_test is not None and self.k_test < 1:
+            raise ValueError(f"k_test must be a positive number of re-ranked candidates or null, got {self.k_test}")
+        if self.rerank_score not in ("itm", "itm+itc"):
+            raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {self.rerank_score!r}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -155,15 +163,34 @@ def main(argv=None) -> Dict[str, float]:
 
         world = load_world_truth(cfg.test_world, test_set) if cfg.test_world else None
 
+        if cfg.k_test:  # the re-rank encodes every test image on every rank (as Retrieval.py) and shards the rows
+            full_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.batch_size_test,
+                                                      num_workers=min(cfg.num_workers, 2))
+
         def evaluate(epoch: int) -> Dict[str, float]:  # sharded: every rank encodes its share of the test set
-            metrics, sim = itc_retrieval(model, test_loader, test_set, tokenizer, device, return_sim=True)
+            if cfg.k_test:
+                scores = itm_rerank_scores(model, full_loader, test_set.text, tokenizer, device, cfg.k_test,
+                                           cfg.max_tokens, cfg.rerank_score, return_sim=True)
+                metrics = recall_metrics(scores["i2t"].numpy(), scores["t2i"].numpy(), test_set.txt2img,
+                                         test_set.img2txt)
+                sim = scores["itc"].numpy()
+                itc = recall_metrics(sim, sim.T, test_set.txt2img, test_set.img2txt)
+                ranked = scores["t2i"].numpy().T  # [images, texts], as sim
+            else:
+                metrics, sim = itc_retrieval(model, test_loader, test_set, tokenizer, device, return_sim=True)
+                itc, ranked = None, sim
             if world is not None:
-                metrics["consistent_at_1"] = consistent_at_1(sim.T, world["consistent"])
+                metrics["consistent_at_1"] = consistent_at_1(ranked.T, world["consistent"])
+            if itc is not None:
+                metrics.update({f"itc_{k}": v for k, v in itc.items()})
             results.clear()
             results.update(metrics)
-            last_sim["sim"] = sim
-            print0(f"zero-shot retrieval (ITC) on {cfg.test_file}: " +
-                   "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items()))
+            last_sim["sim"] = ranked
+            how = f"ITC, top {cfg.k_test} re-ranked by {cfg.rerank_score.upper()}" if cfg.k_test else "ITC"
+            print0(f"zero-shot retrieval ({how}) on {cfg.test_file}: " +
+                   "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items() if not k.startswith("itc_")))
+            if itc is not None:
+                print0("  ITC alone: " + "  ".join(f"{k}: {v:.2f}" for k, v in itc.items()))
             return {f"test_{k}": v for k, v in metrics.items()}
 
         after_epoch = evaluate

@@ -136,12 +136,13 @@ def _rerank(model, queries: torch.Tensor, sim: torch.Tensor, k: int, pair_fn, ro
 
 @torch.no_grad()
 def itm_rerank_scores(model, image_loader, texts: Sequence[str], tokenizer, device: torch.device, k_test: int,
-                      max_length: int = 30, score: str = "itm", pairs_per_call: int = 256
-                      ) -> Dict[str, torch.Tensor]:
+                      max_length: int = 30, score: str = "itm", pairs_per_call: int = 256,
+                      return_sim: bool = False) -> Dict[str, torch.Tensor]:
     """The original ALBEF retrieval protocol: ITC similarity of all images x all texts; per image the top
     ``k_test`` texts and per text the top ``k_test`` images are re-scored by the ITM positive logit (``score='itm'``,
     the original) or ITM + ITC (``'itm+itc'``, as BLIP); every other entry is -100. Rows are sharded across
-    ranks and merged exactly (a sum over ranks of disjoint rows). Returns ``{'i2t': [Ni, Nt], 't2i': [Nt, Ni]}``.
+    ranks and merged exactly (a sum over ranks of disjoint rows). Returns ``{'i2t': [Ni, Nt], 't2i': [Nt, Ni]}``,
+    with ``return_sim`` also ``'itc'``: the ITC similarity ``[Ni, Nt]`` the candidates were taken from.
     """
     from utils import distributed as du
 
@@ -178,7 +179,10 @@ def itm_rerank_scores(model, image_loader, texts: Sequence[str], tokenizer, devi
             mine[shard(n)] = True
             mat[~mine] = 0
             du.all_reduce_sum(mat)
-    return {"i2t": i2t.cpu(), "t2i": t2i.cpu()}
+    out = {"i2t": i2t.cpu(), "t2i": t2i.cpu()}
+    if return_sim:
+        out["itc"] = sim.cpu()
+    return out
 
 
 def save_examples(sim, dataset, out: str, n: int = 6, k: int = 5, consistent=None) -> None:

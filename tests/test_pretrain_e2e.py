@@ -153,3 +153,39 @@ def test_world_ceilings_consistency_and_examples(tmp_path, tiny_world):
     Pretrain.main(["--config", other, "--output_dir", str(tmp_path / "o"), "--device", "cpu",
                    "--options", "schedular.epochs=1"])
     assert "ceiling_img_r1" not in json.loads((tmp_path / "o" / "eval_test.json").read_text())
+
+
+def test_k_test_reranks_the_zero_shot_evaluation_by_itm(tmp_path, tiny_world):
+    """k_test: the zero-shot metrics are the original retrieval protocol's (ITC top-k re-scored by ITM), the ITC-only
+    ones stay in eval_test.json as itc_*; both equal what the engine's evaluation functions give for the saved
+    model, and consistent@1 is taken from the re-ranked scores."""
+    from dataset.caption_dataset import RetrievalEvalDataset
+    from dataset.caption_logic import consistent_at_1, world_consistency
+    from dataset.transforms import eval_transform
+    from engine.retrieval import itc_retrieval, itm_rerank_scores, recall_metrics
+    from models.tokenizer import load_tokenizer
+    from utils.config import load_config
+
+    config = write_tiny_config(tmp_path / "c.yaml", tiny_world, test_world=str(tiny_world), k_test=4)
+    out = tmp_path / "out"
+    _run(config, out, "--options", "schedular.epochs=1")
+    metrics = json.loads((out / "eval_test.json").read_text())
+    log = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert log["test_img_r1"] == metrics["img_r1"] and log["test_itc_img_r1"] == metrics["itc_img_r1"]
+
+    cfg = load_config(Pretrain.PretrainConfig, config)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model = Pretrain.build_model(cfg, tokenizer, config)
+    model.load_state_dict(torch.load(out / "checkpoint_00.pth", weights_only=False)["model"])
+    test_set = RetrievalEvalDataset(cfg.test_file, eval_transform(cfg.image_res), max_words=cfg.max_words)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=8)
+    itc = itc_retrieval(model, loader, test_set, tokenizer, torch.device("cpu"))
+    scores = itm_rerank_scores(model, loader, test_set.text, tokenizer, torch.device("cpu"), 4, cfg.max_tokens)
+    reranked = recall_metrics(scores["i2t"].numpy(), scores["t2i"].numpy(), test_set.txt2img, test_set.img2txt)
+    for k, v in reranked.items():
+        assert metrics[k] == pytest.approx(v, abs=1e-6), k
+    for k, v in itc.items():
+        assert metrics[f"itc_{k}"] == pytest.approx(v, abs=1e-6), k
+    assert (scores["t2i"] > -100).sum(1).eq(4).all()  # 4 candidates per caption re-scored
+    truth = world_consistency(str(tiny_world), "test")[0]
+    assert metrics["consistent_at_1"] == pytest.approx(consistent_at_1(scores["t2i"], truth))
