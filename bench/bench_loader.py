@@ -19,12 +19,15 @@ run of each row is kept. Rows:
   (the JSON path), by ``ShardDataset`` over the full-size shards and over the pre-resized ones (a 1000-sample
   shuffle buffer, timed once it is full), and from the original files decoded in JPEG draft mode (PIL's
   ``Image.draft('RGB', size)``: DCT scaling by 1/2, 1/4 or 1/8 while decoding, asked for the size the
-  ``--max_side`` pre-resize gives; it only scales when the image is at least twice that size);
+  ``--max_side`` pre-resize gives; it only scales when the image is at least twice that size); then the JSON path
+  and the pre-resized shards again with ``normalize_on_device: true``'s transform (``uint8_output``: a uint8
+  tensor out, the normalisation left to the training device);
 * a cumulative breakdown, for the original files (the JSON path) and the pre-resized JPEG bytes: decode only
   (``load_rgb``), + RandomResizedCrop, + flip + RandAugment, + to tensor + normalise (the whole transform); for
-  comparison the same with a uint8 tensor out (normalisation moved to the GPU); and draft-mode decoding alone.
+  comparison the same with a uint8 tensor out (``normalize_on_device``); and draft-mode decoding alone.
 
-Prints two markdown tables; ``--json FILE`` keeps the numbers.
+Also the cost of collating a batch of 64 (``torch.stack``, in the worker) per image, float32 and uint8. Prints two
+markdown tables; ``--json FILE`` keeps the numbers.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from torchvision.transforms import v2 as T  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 SIZES = ((640, 480), (1024, 768))
+COLLATE_BATCH = 64
 
 
 def make_photos(folder: str, n: int, seed: int = 0) -> List[Dict[str, str]]:
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
     from dataset.images import load_rgb
     from dataset.sampling import SeededSamples, sample_seed
     from dataset.shards import ShardDataset
-    from dataset.transforms import AugmentConfig, randaugment, train_transform
+    from dataset.transforms import AugmentConfig, randaugment, train_transform, uint8_output
     from tools.make_shards import make_shards
 
     torch.set_num_threads(1)
@@ -149,31 +153,45 @@ def main(argv=None) -> int:
 
     aug = AugmentConfig()
     tf = train_transform(args.image_res, aug)
+    tf_uint8 = uint8_output(tf)  # normalize_on_device: true
     crop = T.RandomResizedCrop(args.image_res, scale=tuple(aug.crop_scale), interpolation=T.InterpolationMode.BICUBIC,
                                antialias=True)
     augment = T.Compose([crop, T.RandomHorizontalFlip(), randaugment(aug)])
-    to_uint8 = T.ToImage()
     paths = [os.path.join(work, r["image"]) for r in records]
     small_bytes = [r["jpg"] for r in _raw(small["shards"])]
 
-    def json_path():
-        ds = SeededSamples(PretrainDataset(ann, tf, max_words=30))
-        order = list(range(len(ds)))
-        random.Random(0).shuffle(order)
-        it = iter(range(10**12))
-
-        def step():
-            k = next(it)
-            i = order[k % len(order)]
-            return ds[(i, sample_seed(0, 0, k))]
-        return step
-
-    def shard_path(pattern):
+    def json_path(transform):
         def make():
-            ds = ShardDataset(pattern, tf, 30, 10**9, shuffle_buffer=args.shuffle_buffer, seed=0)
+            ds = SeededSamples(PretrainDataset(ann, transform, max_words=30))
+            order = list(range(len(ds)))
+            random.Random(0).shuffle(order)
+            it = iter(range(10**12))
+
+            def step():
+                k = next(it)
+                i = order[k % len(order)]
+                return ds[(i, sample_seed(0, 0, k))]
+            return step
+        return make
+
+    def shard_path(pattern, transform):
+        def make():
+            ds = ShardDataset(pattern, transform, 30, 10**9, shuffle_buffer=args.shuffle_buffer, seed=0)
             it = iter(ds)
             return lambda: next(it)
         return make
+
+    def collate_ms(transform) -> float:
+        """Best ms per image of stacking a batch of the transform's outputs (what a collate function does)."""
+        torch.manual_seed(0)
+        images = [transform(load_rgb(io.BytesIO(small_bytes[i % len(small_bytes)]))) for i in range(COLLATE_BATCH)]
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.process_time()
+            for _ in range(5):
+                torch.stack(images)
+            times.append((time.process_time() - t0) / (5 * COLLATE_BATCH) * 1e3)
+        return min(times)
 
     def draft_decode(path):
         with Image.open(path) as im:
@@ -187,17 +205,19 @@ def main(argv=None) -> int:
         return [("decode only", decode), ("+ RandomResizedCrop", lambda x: crop(decode(x))),
                 ("+ flip + RandAugment", lambda x: augment(decode(x))),
                 ("+ to tensor + normalise (whole transform)", lambda x: tf(decode(x))),
-                ("(instead: + to uint8 tensor only, normalising left to the GPU)",
-                 lambda x: to_uint8(augment(decode(x))))]
+                ("(instead: + to uint8 tensor only, normalize_on_device)", lambda x: tf_uint8(decode(x)))]
 
     sizes = [Image.open(q).size for q in paths]
     mean_px = sum(w * h for w, h in sizes) / len(sizes)
     rows = [
-        ("JSON + full-size JPEG (PretrainDataset)", json_path),
-        ("shards, full-size JPEG (ShardDataset)", shard_path(full["pattern"])),
-        (f"shards, pre-resized to max_side {args.max_side} (ShardDataset)", shard_path(small["pattern"])),
+        ("JSON + full-size JPEG (PretrainDataset)", json_path(tf)),
+        ("shards, full-size JPEG (ShardDataset)", shard_path(full["pattern"], tf)),
+        (f"shards, pre-resized to max_side {args.max_side} (ShardDataset)", shard_path(small["pattern"], tf)),
         (f"full-size JPEG, draft mode to the {args.max_side} size (PIL), + whole transform",
          cycle(paths, lambda q: tf(draft_decode(q)))),
+        ("JSON + full-size JPEG, uint8 out (normalize_on_device)", json_path(tf_uint8)),
+        (f"shards, pre-resized to max_side {args.max_side}, uint8 out (normalize_on_device)",
+         shard_path(small["pattern"], tf_uint8)),
     ]
     breakdown = [(name, cycle(paths, fn), cycle(small_bytes, fn_small)) for (name, fn), (_, fn_small) in
                  zip(transforms_of(load_rgb), transforms_of(lambda b: load_rgb(io.BytesIO(b))))]
@@ -212,6 +232,7 @@ def main(argv=None) -> int:
     parts = [{"row": name, "full_images_per_s": best["full: " + name],
               "pre_resized_images_per_s": best.get("small: " + name)} for name, _, _ in breakdown]
     base = results[0]["images_per_s"]
+    collate = {"float32": collate_ms(tf), "uint8": collate_ms(tf_uint8)}
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -235,10 +256,12 @@ def main(argv=None) -> int:
     for r in parts:
         b = r["pre_resized_images_per_s"]
         print(f"| {r['row']} | {r['full_images_per_s']:.1f} | {'-' if b is None else f'{b:.1f}'} |")
+    print(f"\nCollating a batch in the worker (torch.stack of {COLLATE_BATCH} images), per image: float32 "
+          f"{collate['float32']:.3f} ms, uint8 {collate['uint8']:.3f} ms (not in the rows above).")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "breakdown": parts, "images": args.images, "image_res": args.image_res,
-                       "max_side": args.max_side, "cpu": cpu}, f, indent=1)
+            json.dump({"results": results, "breakdown": parts, "collate_ms_per_image": collate, "images": args.images,
+                       "image_res": args.image_res, "max_side": args.max_side, "cpu": cpu}, f, indent=1)
     return 0
 
 

@@ -64,6 +64,27 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+class SeededRNG:
+    """``with SeededRNG(seed):`` runs its block under torch's CPU generator and Python's ``random`` seeded with
+    ``seed`` and gives the caller its previous states back on exit (CUDA's generators are not touched)."""
+
+    __slots__ = ("seed", "_torch", "_python")
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        generator = torch.default_generator
+        self._torch, self._python = generator.get_state(), random.getstate()
+        generator.manual_seed(self.seed)
+        random.seed(self.seed)
+
+    def __exit__(self, *exc) -> bool:
+        torch.default_generator.set_state(self._torch)
+        random.setstate(self._python)
+        return False
+
+
 class SeededSamples(Dataset):
     """Wraps a map-style data set: ``self[(index, seed)]`` is ``dataset[index]`` made under its own random stream
     (torch's CPU generator and Python's ``random`` seeded with ``seed``); plain integer keys pass through."""
@@ -78,14 +99,8 @@ class SeededSamples(Dataset):
         if not isinstance(key, tuple):
             return self.dataset[key]
         index, seed = key
-        torch_state, py_state = torch.get_rng_state(), random.getstate()
-        torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stream (dropout) is untouched
-        random.seed(seed)
-        try:
+        with SeededRNG(seed):  # the CPU generator only: CUDA's stream (dropout) is untouched
             return self.dataset[index]
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(py_state)
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:

@@ -65,6 +65,7 @@ the shard).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -76,6 +77,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb
+from dataset.sampling import SeededRNG
 from dataset.text import pre_caption
 from utils import distributed as du
 
@@ -85,8 +87,11 @@ MAX_BAD_IN_A_ROW = 1000
 
 def stream_seed(*parts: Any) -> int:
     """A 63-bit seed from ``parts`` (stable across processes and Python versions, unlike ``hash``)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    return _seed_of(":".join(map(str, parts)))
+
+
+def _seed_of(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
 def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
@@ -128,23 +133,7 @@ def _batches_of_worker(steps: int, worker: int, workers: int) -> int:
     return steps // workers + (1 if worker < steps % workers else 0)
 
 
-class _SeededRNG:
-    """Seed torch's CPU generator and Python's ``random`` for one sample; restore the previous states on exit."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.torch_state, self.py_state = torch.get_rng_state(), random.getstate()
-        torch.default_generator.manual_seed(self.seed)
-        random.seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.set_rng_state(self.torch_state)
-        random.setstate(self.py_state)
-        return False
-
-
+@functools.lru_cache(maxsize=None)
 def image_members(name: str) -> Tuple[str, ...]:
     """The member names an image called ``name`` may have in a shard: ``""`` -> ``jpg``, ``jpeg``, ``png``,
     ``webp`` (one image per sample); ``"left"`` -> ``left.jpg``, ``left.jpeg``, ... (several)."""
@@ -349,11 +338,12 @@ class ShardDataset(IterableDataset):
     def _decode(self, src: Iterable[Dict[str, Any]], key: Tuple[int, ...], skip: int) -> Iterator[Dict[str, Any]]:
         bad: List[str] = []
         bad_in_a_row = 0
+        seed_prefix = ":".join(map(str, ("sample", *key))) + ":"  # stream_seed("sample", *key, position)
         for position, raw in enumerate(src):
             if position < skip:
                 continue  # resumed epoch: skipped without decoding (module docstring)
             meta, members, where = self._parse(raw)
-            with _SeededRNG(stream_seed("sample", *key, position)):
+            with SeededRNG(_seed_of(seed_prefix + str(position))):
                 sample = None
                 images = []
                 for i, (member, data) in enumerate(members):
@@ -401,8 +391,10 @@ class ShardDataset(IterableDataset):
         members = []
         for name in self.sample.images:
             names = image_members(name)
-            member = next((k for k in names if k in raw), None)
-            if member is None:
+            for member in names:
+                if member in raw:
+                    break
+            else:
                 raise ValueError(f"{where}: no image member ({'/'.join(names)}); members: {_members(raw)}"
                                  + ("" if self.sample.task == "pretrain" else
                                     f" (python -m tools.make_shards --task {self.sample.task} writes them)"))

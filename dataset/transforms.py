@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -161,6 +162,32 @@ class AugmentConfig:
 
 def _to_normalized_tensor() -> List[T.Transform]:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)]
+
+
+def uint8_output(transform: T.Compose) -> T.Compose:
+    """``transform`` (``train_transform`` / ``grounding_train_transform`` / ``eval_transform``) without its last
+    two steps, ``ToDtype`` and ``Normalize``: it gives the same ``uint8`` image tensor (same random draws, same
+    pixels) that those two would have turned into floats; :func:`normalize_images` does the rest later, on the
+    training device, with the same results. Raises ``ValueError`` for a transform that does not end like ours."""
+    steps = list(getattr(transform, "transforms", ()))
+    tail = steps[-3:]
+    ours = (len(tail) == 3 and [type(t) for t in tail] == [T.ToImage, T.ToDtype, T.Normalize]
+            and tail[1].dtype == torch.float32 and tail[1].scale
+            and tuple(tail[2].mean) == CLIP_MEAN and tuple(tail[2].std) == CLIP_STD and not tail[2].inplace)
+    if not ours:
+        raise ValueError(f"expected a transform ending in ToImage, ToDtype(float32, scale=True), Normalize(CLIP "
+                         f"mean / std), got {transform!r}")
+    return T.Compose(steps[:-2])
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """A ``uint8`` image batch ``(..., 3, H, W)`` (from :func:`uint8_output` transforms) -> the float32 batch the
+    whole transform would have given, bit for bit: torchvision's ``to_dtype(scale=True)`` and ``normalize`` with
+    the CLIP mean / std, as ``ToDtype`` and ``Normalize`` apply them (element-wise, so on any device and batch)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_images expects uint8 images, got {images.dtype}")
+    images = TF.to_dtype(images, torch.float32, scale=True)
+    return TF.normalize(images, list(CLIP_MEAN), list(CLIP_STD), inplace=True)  # a fresh tensor: in place is safe
 
 
 def randaugment(cfg: AugmentConfig) -> T.RandAugment:

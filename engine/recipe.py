@@ -93,6 +93,17 @@ def ramped_alpha(alpha: float, warm_up: bool, ctx) -> float:
     return alpha
 
 
+def _yield_uint8_images(holder) -> None:
+    """``normalize_on_device``: the training transform of ``holder`` (a data set or shard sample) without its
+    ``ToDtype`` + ``Normalize`` steps; the trainer applies them on the device."""
+    from dataset.transforms import uint8_output
+
+    try:
+        holder.transform = uint8_output(getattr(holder, "transform", None))
+    except ValueError as e:
+        raise ValueError(f"normalize_on_device: the training transform of {type(holder).__name__}: {e}") from e
+
+
 def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int, collate_fn, device,
                  shard_id_key: Optional[str] = None, shard_sample: Optional[ShardSample] = None):
     """The training half every script shares: a resumable epoch-seeded sampler and loader over ``dataset`` (every
@@ -104,6 +115,10 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
     (e.g. ``VEShardSample(train_transform(...), cfg.max_words)``), the same samples as the task's JSON data set
     so that ``collate_fn`` serves both; by default pre-training samples (``train_transform(cfg.image_res,
     cfg.augment)``, ``cfg.max_words``), with ``idx`` from the json member ``shard_id_key`` (retrieval).
+
+    With ``cfg.normalize_on_device`` the training transform (``dataset.transform``, or the shard sample's) loses
+    its ``ToDtype`` + ``Normalize`` steps (:func:`dataset.transforms.uint8_output`; the object is changed in
+    place): the loader yields uint8 images and the trainer normalises them on the device, to the same floats.
     Returns ``(trainer, loader, sampler)``."""
     from dataset.sampling import create_train_loader
     from engine.resume import resolve_resume_path
@@ -122,6 +137,9 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
 
             if shard_sample is None:
                 shard_sample = PretrainSample(train_transform(cfg.image_res, cfg.augment), cfg.max_words, shard_id_key)
+        if getattr(cfg, "normalize_on_device", False):
+            _yield_uint8_images(shard_sample if shards else dataset)
+        if shards:
             loader, sampler = create_shard_loader(
                 shards, None, None, batch_size, cfg.num_workers, args.seed, cfg.train_samples_per_epoch, collate_fn,
                 persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor,
