@@ -57,7 +57,7 @@ grounding-demo: install
 # resumable: finished runs are skipped); writes output/ablation/ablation.{md,json,png}
 ablation: install
 	$(PY) -m dataset.synthetic --out $(DATA)
-	$(PY) -m tools.ablation --config configs/Pretrain_tiny.yaml --seeds 0 1 2 --out output/ablation
+	$(PY) -m tools.ablation --config configs/Pretrain_tiny_ablation.yaml --seeds 0 1 2 --out output/ablation
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -312,3 +312,26 @@ def test_ablation_one_real_tiny_run(tmp_path, tiny_world, capsys):
     assert ablation.main(["--config", config, "--seeds", "0", "--out", str(out), "--rows", "MLM+ITM",
                           "--epochs", "1"]) == 0
     assert "done already" in capsys.readouterr().out
+
+
+def test_ablation_refuses_to_mix_settings(tmp_path, monkeypatch):
+    """The first run stamps OUT with its setting (config content, options, epochs); another config or other
+    options are refused before anything trains, naming what differs; comments in the config do not count."""
+    calls = []
+    monkeypatch.setattr(ablation.subprocess, "call", lambda *a, **k: calls.append(a) or 1)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("# a comment\nqueue_size: 256\noptimizer: {lr: 3e-4}\n")
+    out = tmp_path / "abl"
+    args = ["--config", str(cfg), "--seeds", "0", "--out", str(out), "--rows", "full"]
+    ablation.main(args)  # the (fake) run fails, but the setting is stamped
+    assert len(calls) == 1 and json.loads((out / ablation.STAMP_FILE).read_text())["config"]["queue_size"] == 256
+    cfg.write_text("# another comment\nqueue_size: 256\noptimizer: {lr: 3e-4}\n")
+    ablation.main(args)
+    assert len(calls) == 2
+    cfg.write_text("queue_size: 2048\noptimizer: {lr: 3e-4}\n")
+    with pytest.raises(SystemExit, match="config keys queue_size differ"):
+        ablation.main(args)
+    cfg.write_text("queue_size: 256\noptimizer: {lr: 3e-4}\n")
+    with pytest.raises(SystemExit, match="options differ"):
+        ablation.main(args + ["--options", "temp=0.1"])
+    assert len(calls) == 2

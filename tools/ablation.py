@@ -1,7 +1,7 @@
 """The paper's Table 1 (the objectives ablation) in miniature: pre-train one model per objective row and seed, then
 tabulate the zero-shot retrieval of every row as mean and standard deviation over the seeds.
 
-    python -m tools.ablation --config configs/Pretrain_tiny.yaml --seeds 0 1 2 --out output/ablation \
+    python -m tools.ablation --config configs/Pretrain_tiny_ablation.yaml --seeds 0 1 2 --out output/ablation \
         [--rows all|MLM+ITM,full] [--epochs N] [--device cpu] [--jobs N] [--options key=value ...] [--dry-run] [--report]
 
 The rows are :data:`models.albef.OBJECTIVE_ROWS` (ITM without "hard": random in-batch negatives; MoD: momentum
@@ -17,7 +17,8 @@ Each run is a subprocess ``Pretrain.py --config C --output_dir OUT/<row>/seed<k>
 --options <switches> [scheduler.epochs=N] [--options of this command]``, its output in ``OUT/<row>/seed<k>/run.log``.
 A run whose folder already holds ``eval_test.json`` (written by Pretrain.py after its last epoch) and a
 ``config.yaml`` with the row's switches (and ``--epochs``) is skipped, so an interrupted ablation continues where it
-stopped; a run with other ``--options`` needs a fresh ``--out``. The metrics are Pretrain.py's zero-shot ITC
+stopped. All runs in ``OUT`` share one setting (the config's YAML content, ``--options``, ``--epochs``), stamped in
+``OUT/ablation_setting.json`` by the first run; another setting is refused (a fresh ``--out`` is needed). The metrics are Pretrain.py's zero-shot ITC
 retrieval on ``test_file`` (the paper reports fine-tuned retrieval, VQA and NLVR2 instead). Writes
 ``OUT/ablation.json`` (every run's metrics, each row's mean and std), ``OUT/ablation.md`` (a table) and
 ``OUT/ablation.png`` (bars with the std as error bars).
@@ -191,9 +192,36 @@ def write_report(summary: Dict[str, Dict], out: str, info: Dict) -> List[str]:
     return paths
 
 
+STAMP_FILE = "ablation_setting.json"
+
+
+def check_setting(out: str, config: str, options: Sequence[str], epochs: Optional[int]) -> None:
+    """Every run in ``out`` must come from one setting: the config's YAML content (comments aside), ``--options``
+    and ``--epochs``. The first call writes it to ``out/ablation_setting.json``; a later call with another setting
+    raises ``SystemExit`` naming what differs (finished runs of the old setting would otherwise be mixed in)."""
+    with open(config) as f:
+        setting = {"config": yaml.safe_load(f), "options": sorted(options), "epochs": epochs}
+    path = os.path.join(out, STAMP_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(setting)):
+            keys = sorted(k for k in set(old["config"]) | set(setting["config"])
+                          if old["config"].get(k) != setting["config"].get(k))
+            what = ([f"config keys {', '.join(keys)}"] if keys else []) + [
+                name for name in ("options", "epochs") if old[name] != json.loads(json.dumps(setting[name]))]
+            raise SystemExit(f"{out} holds runs of another setting ({'; '.join(what)} differ from {path}): give a "
+                             f"fresh --out, or delete {out} to start over")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(setting, f, indent=2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/Pretrain_tiny.yaml", help="the Pretrain.py config every run uses")
+    p.add_argument("--config", default="configs/Pretrain_tiny_ablation.yaml",
+                   help="the Pretrain.py config every run uses")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="output/ablation")
     p.add_argument("--rows", default="all", help=f"all, or comma-separated names of: {', '.join(OBJECTIVE_ROWS)}")
@@ -257,6 +285,7 @@ def main(argv=None) -> int:
     if pending and not args.dry_run:
         from concurrent.futures import ThreadPoolExecutor
 
+        check_setting(args.out, args.config, args.options, args.epochs)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(run, pending))
     if args.dry_run:
