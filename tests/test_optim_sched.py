@@ -82,6 +82,41 @@ def test_create_optimizer_uses_config_values(tiny, opt, cls):
         ("adamW", 1e-4, 0.02, (0.9, 0.999), 1e-8)
 
 
+@pytest.mark.parametrize("fused", [None, True, False])
+def test_fused_kernel_on_the_cpu_is_the_foreach_update(tiny, fused):
+    """``fused: null`` picks torch's fused AdamW on the CPU (5x faster than foreach at the base size); it gives the
+    foreach update to float32 rounding, and it skips a step whose ``found_inf`` is set (the trainer's divergence
+    guard) without counting it."""
+    optimizer = create_optimizer(tiny, OptimizerConfig(lr=1e-3, fused=fused))
+    assert bool(optimizer.defaults.get("fused")) == (fused is not False)
+    assert bool(optimizer.defaults.get("foreach")) == (fused is False)
+
+    torch.manual_seed(0)
+    params = [torch.randn(300) for _ in range(3)]
+    grads = [[torch.randn(300) for _ in params] for _ in range(10)]
+    runs = {}
+    for kernel in ("foreach", "fused"):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = torch.optim.AdamW([{"params": ps, "weight_decay": 0.02}], lr=1e-3, **{kernel: True})
+        for g in grads:
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step()
+        runs[kernel] = ps
+    for a, b in zip(runs["foreach"], runs["fused"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(4)) and opt.state[p]["step"].item() == 0
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert (p.detach() < 1).all() and opt.state[p]["step"].item() == 1
+
+
 def test_adamw_step_decays_only_the_decay_group(tiny):
     model = tiny
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
