@@ -6,7 +6,7 @@ NLVR2, SNLI-VE and grounding sets can later be derived from the same scenes; :fu
 relation the captions use.
 
     python -m dataset.synthetic --out DIR [--seed 0] [--num-train 8000] [--num-val 200] [--num-test 200]
-                                [--image-size 96] [--captions-per-image 5]
+                                [--image-size 96] [--captions-per-image 5] [--workers N]
 
 writes into ``DIR``:
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -46,6 +47,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 from PIL import Image, ImageDraw
 
+PARALLEL_MIN_IMAGES = 512  # smaller worlds are drawn in the calling process (a pool costs more than it saves)
 VERSION = 2  # 2: larger objects, placement by free positions, scene-identifying captions with logical forms
 SPLITS = ("train", "val", "test")
 JPEG_QUALITY = 90
@@ -629,8 +631,11 @@ def _reusable(out_dir: str, args: Dict[str, int], counts: Dict[str, int]) -> boo
 
 
 def generate(out_dir: str, *, seed: int = 0, num_train: int = 8000, num_val: int = 200, num_test: int = 200,
-             image_size: int = 96, captions_per_image: int = 5) -> Dict[str, str]:
+             image_size: int = 96, captions_per_image: int = 5, workers: Optional[int] = None) -> Dict[str, str]:
     """Write the synthetic world into ``out_dir`` (see the module docstring) and return the paths written.
+
+    The images are drawn by ``workers`` processes (default: the CPU count, at most 8; 1 = in this process; worlds
+    under :data:`PARALLEL_MIN_IMAGES` images always in this process): the files do not depend on it.
 
     A directory whose ``manifest.json`` records the same arguments, with all files present, is reused without
     regenerating; otherwise everything is rewritten (the manifest last) and stale images are removed.
@@ -656,8 +661,13 @@ def generate(out_dir: str, *, seed: int = 0, num_train: int = 8000, num_val: int
         if m and int(m.group(2)) >= counts[m.group(1)]:
             os.remove(os.path.join(paths["images"], name))
 
-    results = [_make_image(out_dir, s, i, seed, image_size, captions_per_image)
-               for s in SPLITS for i in range(counts[s])]
+    jobs = [(out_dir, s, i, seed, image_size, captions_per_image) for s in SPLITS for i in range(counts[s])]
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if workers > 1 and len(jobs) >= PARALLEL_MIN_IMAGES:  # each image depends only on its own arguments
+        with multiprocessing.Pool(workers) as pool:
+            results = pool.starmap(_make_image, jobs, chunksize=64)
+    else:
+        results = [_make_image(*job) for job in jobs]
 
     by_split: Dict[str, List[Tuple[Scene, List[str]]]] = {s: [] for s in SPLITS}
     for record, captions in results:
@@ -688,10 +698,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--num-test", type=int, default=200)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--captions-per-image", type=int, default=5)
+    p.add_argument("--workers", type=int, default=None, help="processes drawing images (default: CPU count, max 8)")
     a = p.parse_args(argv)
     start = time.time()
     paths = generate(a.out, seed=a.seed, num_train=a.num_train, num_val=a.num_val, num_test=a.num_test,
-                     image_size=a.image_size, captions_per_image=a.captions_per_image)
+                     image_size=a.image_size, captions_per_image=a.captions_per_image, workers=a.workers)
     with open(paths["manifest"]) as f:
         counts = json.load(f)["counts"]
     print(f"synthetic world in {a.out}: {counts['train']}/{counts['val']}/{counts['test']} train/val/test images, "

@@ -304,6 +304,19 @@ def test_determinism_across_processes(tmp_path, world):
     assert _tree_bytes(world) == _tree_bytes(str(tmp_path))
 
 
+def test_worker_processes_write_the_same_world(tmp_path):
+    """Images drawn by a pool of processes (the default for worlds of PARALLEL_MIN_IMAGES images or more) give the
+    same files, byte for byte, as drawn in the calling process."""
+    from dataset import synthetic
+
+    args = dict(seed=3, num_train=synthetic.PARALLEL_MIN_IMAGES - 8, num_val=4, num_test=4, image_size=48,
+                captions_per_image=2)
+    generate(str(tmp_path / "pool"), **args, workers=2)
+    generate(str(tmp_path / "one"), **args, workers=1)
+    pool, one = _tree_bytes(str(tmp_path / "pool")), _tree_bytes(str(tmp_path / "one"))
+    assert len(pool) > synthetic.PARALLEL_MIN_IMAGES and pool == one
+
+
 def test_val_test_do_not_depend_on_num_train(tmp_path, world):
     generate(str(tmp_path), **{**ARGS, "num_train": 12})
     assert _load(world, "retrieval_test.json") == _load(str(tmp_path), "retrieval_test.json")
