@@ -52,6 +52,7 @@ class PretrainConfig(ModelKeys, TrainOptions):
     on_bad_image: str = "skip"  # skip (the next record is used; reported in batch["bad_images"]) or raise
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
     test_file: Optional[str] = None  # retrieval-format JSON evaluated zero-shot after every epoch
+    test_every: int = 1  # evaluate test_file after every this many epochs (and always after the last)
     # zero-shot evaluation: null = ranked by ITC similarity alone; k = the original retrieval protocol (the top k
     # candidates of every image and text by ITC re-scored by the ITM head, rerank_score as in Retrieval.py)
     k_test: Optional[int] = None
@@ -83,6 +84,8 @@ class PretrainConfig(ModelKeys, TrainOptions):
             raise ValueError("tokenizer must be given when text_encoder is null")
         if self.k_test is not None and self.k_test < 1:
             raise ValueError(f"k_test must be a positive number of re-ranked candidates or null, got {self.k_test}")
+        if not (isinstance(self.test_every, int) and self.test_every >= 1):
+            raise ValueError(f"test_every must be a whole number of epochs >= 1, got {self.test_every!r}")
         if self.rerank_score not in ("itm", "itm+itc"):
             raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {self.rerank_score!r}")
 
@@ -168,6 +171,8 @@ def main(argv=None) -> Dict[str, float]:
                                                       num_workers=min(cfg.num_workers, 2))
 
         def evaluate(epoch: int) -> Dict[str, float]:  # sharded: every rank encodes its share of the test set
+            if (epoch + 1) % cfg.test_every and epoch + 1 < cfg.scheduler.epochs:
+                return {}
             if cfg.k_test:
                 scores = itm_rerank_scores(model, full_loader, test_set.text, tokenizer, device, cfg.k_test,
                                            cfg.max_tokens, cfg.rerank_score, return_sim=True)

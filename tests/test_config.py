@@ -111,6 +111,8 @@ def test_missing_file_and_bad_values(tmp_path):
         load_config(PretrainConfig, _write(tmp_path, "a: [1, 2\n"))
     with pytest.raises(ConfigError, match="k_test must be a positive"):
         load_config(PretrainConfig, _write(tmp_path, {"train_file": "a.json", "tokenizer": "t", "k_test": 0}))
+    with pytest.raises(ConfigError, match="test_every must be"):
+        load_config(PretrainConfig, _write(tmp_path, {"train_file": "a.json", "tokenizer": "t", "test_every": 0}))
     with pytest.raises(ConfigError, match="rerank_score must be"):
         load_config(PretrainConfig, _write(tmp_path, {"train_file": "a.json", "tokenizer": "t", "k_test": 4,
                                                       "rerank_score": "itc"}))

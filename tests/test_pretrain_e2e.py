@@ -155,6 +155,16 @@ def test_world_ceilings_consistency_and_examples(tmp_path, tiny_world):
     assert "ceiling_img_r1" not in json.loads((tmp_path / "o" / "eval_test.json").read_text())
 
 
+def test_test_every_evaluates_every_nth_epoch_and_the_last(tmp_path, tiny_world):
+    config = write_tiny_config(tmp_path / "c.yaml", tiny_world, test_every=2)
+    out = tmp_path / "out"
+    _run(config, out, "--options", "schedular.epochs=3")
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    assert [("test_img_r1" in r) for r in log] == [False, True, True]
+    assert json.loads((out / "eval_test.json").read_text())["img_r1"] == log[2]["test_img_r1"]
+
+
 def test_k_test_reranks_the_zero_shot_evaluation_by_itm(tmp_path, tiny_world):
     """k_test: the zero-shot metrics are the original retrieval protocol's (ITC top-k re-scored by ITM), the ITC-only
     ones stay in eval_test.json as itc_*; both equal what the engine's evaluation functions give for the saved
