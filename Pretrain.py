@@ -22,7 +22,7 @@ from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from dataset.caption_logic import consistent_at_1
 from dataset.text import pre_caption
-from engine.retrieval import itc_retrieval, itm_rerank_scores, recall_metrics, save_examples
+from engine.retrieval import check_rerank, itc_retrieval, itm_rerank_scores, recall_metrics, save_examples
 from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
 from engine.trainer import TrainOptions, print0
 from models.albef import ALBEF, check_objectives
@@ -57,6 +57,7 @@ class PretrainConfig(ModelKeys, TrainOptions):
     # candidates of every image and text by ITC re-scored by the ITM head, rerank_score as in Retrieval.py)
     k_test: Optional[int] = None
     rerank_score: str = "itm"  # itm (the original) or itm+itc (BLIP)
+    rerank_itc_weight: float = 1.0  # itm+itc: ITM logit + this x ITC similarity (1 = BLIP's sum)
     train_shards: Union[str, List[str], None] = None  # webdataset tar shards (python -m tools.make_shards) instead
     train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     batch_size_test: int = 64
@@ -86,8 +87,7 @@ class PretrainConfig(ModelKeys, TrainOptions):
             raise ValueError(f"k_test must be a positive number of re-ranked candidates or null, got {self.k_test}")
         if not (isinstance(self.test_every, int) and self.test_every >= 1):
             raise ValueError(f"test_every must be a whole number of epochs >= 1, got {self.test_every!r}")
-        if self.rerank_score not in ("itm", "itm+itc"):
-            raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {self.rerank_score!r}")
+        check_rerank(self.rerank_score, self.rerank_itc_weight)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -175,7 +175,8 @@ def main(argv=None) -> Dict[str, float]:
                 return {}
             if cfg.k_test:
                 scores = itm_rerank_scores(model, full_loader, test_set.text, tokenizer, device, cfg.k_test,
-                                           cfg.max_tokens, cfg.rerank_score, return_sim=True)
+                                           cfg.max_tokens, cfg.rerank_score, return_sim=True,
+                                           itc_weight=cfg.rerank_itc_weight)
                 metrics = recall_metrics(scores["i2t"].numpy(), scores["t2i"].numpy(), test_set.txt2img,
                                          test_set.img2txt)
                 sim = scores["itc"].numpy()
@@ -191,7 +192,8 @@ def main(argv=None) -> Dict[str, float]:
             results.clear()
             results.update(metrics)
             last_sim["sim"] = ranked
-            how = f"ITC, top {cfg.k_test} re-ranked by {cfg.rerank_score.upper()}" if cfg.k_test else "ITC"
+            by = cfg.rerank_score.upper() if cfg.rerank_itc_weight == 1 else f"ITM + {cfg.rerank_itc_weight:g} x ITC"
+            how = f"ITC, top {cfg.k_test} re-ranked by {by}" if cfg.k_test else "ITC"
             print0(f"zero-shot retrieval ({how}) on {cfg.test_file}: " +
                    "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items() if not k.startswith("itc_")))
             if itc is not None:

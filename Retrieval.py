@@ -21,7 +21,7 @@ from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_options
 from dataset.transforms import AugmentConfig, eval_transform, train_transform
 from engine.checkpoint import atomic_save
 from engine.recipe import ModelKeys, add_resume_arg, base_parser, make_trainer, ramped_alpha, run_cli, setup_run
-from engine.retrieval import itm_rerank_scores, recall_metrics
+from engine.retrieval import check_rerank, itm_rerank_scores, recall_metrics
 from engine.trainer import TrainOptions, print0
 from models.albef import ALBEFRetrieval
 from models.convert import load_checkpoint
@@ -56,6 +56,7 @@ class RetrievalConfig(ModelKeys, TrainOptions):
     train_shards: Union[str, List[str], None] = None
     train_samples_per_epoch: Optional[int] = None  # with train_shards: samples per epoch over all ranks
     rerank_score: str = "itm"  # itm (the original) or itm+itc (BLIP)
+    rerank_itc_weight: float = 1.0  # itm+itc: ITM logit + this x ITC similarity (1 = BLIP's sum)
     clamp_temp: bool = False  # clamp temp to [0.001, 0.5] as pre-training does (the original does not here)
     max_words: int = 30
     max_tokens: int = 30
@@ -66,8 +67,7 @@ class RetrievalConfig(ModelKeys, TrainOptions):
     def __post_init__(self):
         super().__post_init__()
         check_image_options(self.on_bad_image, self.max_image_pixels)
-        if self.rerank_score not in ("itm", "itm+itc"):
-            raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {self.rerank_score!r}")
+        check_rerank(self.rerank_score, self.rerank_itc_weight)
         if self.train_shards and not (self.train_samples_per_epoch or 0) > 0:
             raise ValueError("train_samples_per_epoch (samples per epoch over all ranks) is required with train_shards")
         if self.k_test < 1 or self.batch_size_train < 2:
@@ -85,7 +85,7 @@ def parse_args(argv=None):
 def evaluate(model, loader, dataset, tokenizer, device, cfg: RetrievalConfig, split: str, output_dir: str,
              save: bool) -> Dict[str, float]:
     scores = itm_rerank_scores(model, loader, dataset.text, tokenizer, device, cfg.k_test, cfg.max_tokens,
-                               cfg.rerank_score)
+                               cfg.rerank_score, itc_weight=cfg.rerank_itc_weight)
     metrics = recall_metrics(scores["i2t"].numpy(), scores["t2i"].numpy(), dataset.txt2img, dataset.img2txt)
     print0(f"{split}: " + "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items()))
     if save and du.is_main_process():

@@ -23,8 +23,8 @@ from utils import distributed as du
 HARMLESS_KEYS = (
     "num_workers", "print_freq", "keep_checkpoints", "checkpoint_every_steps", "checkpoint_every_minutes",
     "max_bad_steps", "dist_timeout_minutes", "compile", "test_file", "val_file", "batch_size_test", "k_test",
-    "rerank_score", "first_token_twice", "answer_list", "on_bad_image", "max_image_pixels", "persistent_workers",
-    "prefetch_factor", "max_bad_image_fraction",
+    "rerank_score", "rerank_itc_weight", "test_every", "first_token_twice", "answer_list", "on_bad_image",
+    "max_image_pixels", "persistent_workers", "prefetch_factor", "max_bad_image_fraction",
 )
 
 

@@ -1,6 +1,7 @@
 """Image-text retrieval evaluation: feature extraction, ITC similarity, and the original recall metrics."""
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -115,8 +116,19 @@ def extract_all(model, image_loader, texts: Sequence[str], tokenizer, device: to
     return torch.cat(t_embeds), torch.cat(t_masks), torch.cat(t_feats), i_embeds, i_feats
 
 
+def check_rerank(score: str, itc_weight: float) -> None:
+    """Config validation of ``rerank_score`` and ``rerank_itc_weight`` (Pretrain.py and Retrieval.py)."""
+    if score not in ("itm", "itm+itc"):
+        raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {score!r}")
+    if not (isinstance(itc_weight, (int, float)) and math.isfinite(itc_weight) and itc_weight >= 0):
+        raise ValueError(f"rerank_itc_weight must be a finite number >= 0, got {itc_weight!r}")
+    if score == "itm" and itc_weight != 1:
+        raise ValueError(f"rerank_itc_weight ({itc_weight}) weighs the ITC term of rerank_score: itm+itc; "
+                         "with rerank_score: itm there is none")
+
+
 def _rerank(model, queries: torch.Tensor, sim: torch.Tensor, k: int, pair_fn, rows_per_call: int,
-            score: str) -> torch.Tensor:
+            score: str, itc_weight: float = 1.0) -> torch.Tensor:
     """For each query row, ITM-score its top-k candidates by ITC (many rows per fusion call); -100 elsewhere.
     ``pair_fn`` gives the pairs' text states and masks, the distinct images of the call and each pair's image index
     into them: the fusion layers project each distinct image's keys/values once per call."""
@@ -129,7 +141,7 @@ def _rerank(model, queries: torch.Tensor, sim: torch.Tensor, k: int, pair_fn, ro
         fused = model.fuse(text_embeds, text_mask, image_embeds, image_index=image_index)
         itm = model.itm_logits(fused)[:, 1].float().view(len(rows), k)
         if score == "itm+itc":
-            itm = itm + top_sim
+            itm = itm + itc_weight * top_sim  # x * 1.0 is x: the default is BLIP's sum exactly
         out[rows.unsqueeze(1), top_idx] = itm
     return out
 
@@ -137,10 +149,11 @@ def _rerank(model, queries: torch.Tensor, sim: torch.Tensor, k: int, pair_fn, ro
 @torch.no_grad()
 def itm_rerank_scores(model, image_loader, texts: Sequence[str], tokenizer, device: torch.device, k_test: int,
                       max_length: int = 30, score: str = "itm", pairs_per_call: int = 256,
-                      return_sim: bool = False) -> Dict[str, torch.Tensor]:
+                      return_sim: bool = False, itc_weight: float = 1.0) -> Dict[str, torch.Tensor]:
     """The original ALBEF retrieval protocol: ITC similarity of all images x all texts; per image the top
     ``k_test`` texts and per text the top ``k_test`` images are re-scored by the ITM positive logit (``score='itm'``,
-    the original) or ITM + ITC (``'itm+itc'``, as BLIP); every other entry is -100. Rows are sharded across
+    the original) or ITM + ``itc_weight`` x ITC similarity (``'itm+itc'``; weight 1 is BLIP's sum); every other
+    entry is -100. Rows are sharded across
     ranks and merged exactly (a sum over ranks of disjoint rows). Returns ``{'i2t': [Ni, Nt], 't2i': [Nt, Ni]}``,
     with ``return_sim`` also ``'itc'``: the ITC similarity ``[Ni, Nt]`` the candidates were taken from.
     """
@@ -171,8 +184,9 @@ def itm_rerank_scores(model, image_loader, texts: Sequence[str], tokenizer, devi
         r = rows.cpu().repeat_interleave(k)
         return t_embeds[r].to(device), t_masks[r].to(device), i_embeds[distinct].to(device), index.to(device)
 
-    i2t = _rerank(model, shard(sim.shape[0]), sim, k_test, i2t_pairs, rows_per_call, score)
-    t2i = _rerank(model, shard(sim.shape[1]), sim.T.contiguous(), k_test, t2i_pairs, rows_per_call, score)
+    i2t = _rerank(model, shard(sim.shape[0]), sim, k_test, i2t_pairs, rows_per_call, score, itc_weight)
+    t2i = _rerank(model, shard(sim.shape[1]), sim.T.contiguous(), k_test, t2i_pairs, rows_per_call, score,
+                  itc_weight)
     if world > 1:  # each rank filled only its rows: zero the others, then sum
         for mat, n in ((i2t, sim.shape[0]), (t2i, sim.shape[1])):
             mine = torch.zeros(n, dtype=torch.bool, device=device)

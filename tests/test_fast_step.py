@@ -370,6 +370,40 @@ def test_rerank_with_kv_reuse_equals_plain_rerank(pairs_per_call):
         torch.testing.assert_close(fast[d], plain[d], rtol=1e-5, atol=1e-5)
 
 
+def test_rerank_itc_weight_adds_weighted_similarity_to_the_itm_logit():
+    """rerank_score itm+itc with rerank_itc_weight w: at every re-ranked candidate the ITM logit + w x the ITC
+    similarity it was taken from (w = 1 is BLIP's sum, bitwise), -100 elsewhere; bad weights are refused."""
+    from engine.retrieval import check_rerank
+
+    torch.manual_seed(0)
+    model = ALBEFRetrieval(_cfg(dropout=0.0)).eval()
+    n_img, n_txt, k = 4, 7, 3
+    images = torch.randn(n_img, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    loader = _Loader([{"image": images, "index": torch.arange(n_img)}])
+    loader.dataset = list(range(n_img))
+    texts = [f"t{i}" for i in range(n_txt)]
+    tok = _Tok(n_txt)
+
+    def scores(**kw):
+        return itm_rerank_scores(model, loader, texts, tok, torch.device("cpu"), k_test=k, max_length=10,
+                                 return_sim=True, **kw)
+
+    itm = scores(score="itm")
+    blip = scores(score="itm+itc")
+    weighted = scores(score="itm+itc", itc_weight=10.0)
+    sim = itm["itc"]
+    for d, s in (("i2t", sim), ("t2i", sim.T)):
+        picked = itm[d] != -100
+        assert (picked == (weighted[d] != -100)).all() and picked.sum(1).eq(k).all()
+        assert torch.equal(blip[d][picked], itm[d][picked] + s[picked])
+        torch.testing.assert_close(weighted[d][picked], itm[d][picked] + 10.0 * s[picked])
+    check_rerank("itm+itc", 10)
+    for score, w, msg in (("itm", 10.0, "with rerank_score: itm there is none"), ("itm+itc", -1.0, ">= 0"),
+                          ("itm+itc", float("nan"), ">= 0"), ("itc", 1.0, "rerank_score must be")):
+        with pytest.raises(ValueError, match=msg):
+            check_rerank(score, w)
+
+
 # ------------------------------------------------------------------------------- task models (VQA, NLVR2 TA)
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
