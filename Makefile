@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 DATA ?= data/synthetic
 OUT ?= output/demo
 PYTEST_ARGS ?=
-# the demo's last epoch (configs/Pretrain_tiny.yaml: 5 epochs)
-DEMO_CKPT ?= $(OUT)/checkpoint_04.pth
+# the demo's last epoch (configs/Pretrain_tiny.yaml: 6 epochs)
+DEMO_CKPT ?= $(OUT)/checkpoint_05.pth
 
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
