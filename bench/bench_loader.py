@@ -133,6 +133,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the numbers to this file")
     args = p.parse_args(argv)
 
+    torch.set_num_threads(1)
+    if args.workdir:
+        return run(args, args.workdir)
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as work:  # 40 MB of photos and shards, removed after
+        return run(args, work)
+
+
+def run(args, work: str) -> int:
     from dataset.caption_dataset import PretrainDataset
     from dataset.images import load_rgb
     from dataset.sampling import SeededSamples, sample_seed
@@ -140,8 +148,6 @@ def main(argv=None) -> int:
     from dataset.transforms import AugmentConfig, randaugment, train_transform, uint8_output
     from tools.make_shards import make_shards
 
-    torch.set_num_threads(1)
-    work = args.workdir or tempfile.mkdtemp(prefix="bench_loader_")
     records = make_photos(work, args.images)
     ann = os.path.join(work, "pretrain.json")
     with open(ann, "w") as f:

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
-from dataset.transforms import ALBEFRandAugment, AugmentConfig, train_transform
+from dataset.transforms import ALBEFRandAugment, AugmentConfig, ToContiguousImage, train_transform
 from utils.config import ConfigError, from_dict
 
 ORIGINAL_OPS = {"Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
@@ -140,7 +140,7 @@ def _hue_breaks(space, draws=300):
     randomness does not depend on the content; black stays 0 under every op, the 128 fill does not). The
     transform is ``train_transform``'s without its deterministic tail (to tensor, CLIP normalisation)."""
     tf = train_transform(64, AugmentConfig(randaugment_space=space))
-    assert [type(t) for t in tf.transforms[3:]] == [T.ToImage, T.ToDtype, T.Normalize]
+    assert [type(t) for t in tf.transforms[3:]] == [ToContiguousImage, T.ToDtype, T.Normalize]
     tf = T.Compose(tf.transforms[:3])
     red, black = Image.new("RGB", (64, 64), (220, 20, 30)), Image.new("RGB", (64, 64), (0, 0, 0))
     broken, min_content = 0, 1.0
@@ -194,3 +194,49 @@ def test_config_switch():
         AugmentConfig(randaugment_magnitude=11)
     with pytest.raises(ValueError, match=r"augment\.randaugment_magnitude"):
         AugmentConfig(randaugment_magnitude=31, randaugment_space="torchvision")
+
+
+@pytest.mark.parametrize("size", [(256, 256), (384, 288), (31, 17)])
+def test_whole_pixel_translation_is_the_warp_pixel_for_pixel(size, monkeypatch):
+    """The shift that replaces TranslateX/Y on RGB PIL images gives torchvision's bilinear warp's pixels (fill 128
+    included), and the op takes that path for every translation it draws."""
+    import dataset.transforms as tr
+
+    ra = ALBEFRandAugment()
+    img = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    warp = super(ALBEFRandAugment, ra)._apply_image_or_video_transform  # torchvision's, without the shortcut
+    for op in ("TranslateX", "TranslateY"):
+        for value in (7.0, -7.0, 3.0, -1.0, 10.0):
+            m = ra._to_torchvision(op, value)
+            warped = warp(img, op, m, interpolation=T.InterpolationMode.BILINEAR, fill=ra._fill)
+            ours = ra._apply_image_or_video_transform(img, op, m, interpolation=T.InterpolationMode.BILINEAR,
+                                                      fill=ra._fill)
+            assert np.array_equal(np.asarray(warped), np.asarray(ours)), (op, value)
+    calls = []
+    real = tr.shift_pil
+    monkeypatch.setattr(tr, "shift_pil", lambda *a: calls.append(a[1:3]) or real(*a))
+    only = ALBEFRandAugment(num_ops=1, p=1.0, ops=["TranslateX", "TranslateY"])
+    for s in range(8):
+        torch.manual_seed(s)
+        only(img)
+    assert len(calls) == 8 and all(sorted(map(abs, c)) == [0, 7] for c in calls)
+    calls.clear()
+    ALBEFRandAugment(num_ops=2, p=1.0, ops=["ShearX", "Rotate"])(img)
+    only(torch.from_numpy(np.asarray(img)).permute(2, 0, 1))  # a tensor image: torchvision's warp
+    assert not calls
+
+
+def test_contiguous_to_image_gives_torchvision_values():
+    from torchvision import tv_tensors
+
+    from dataset.transforms import CLIP_MEAN, CLIP_STD, eval_transform
+
+    img = _noise_image(37)
+    tail = [T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    ours, theirs = T.Compose([ToContiguousImage()] + tail), T.Compose([T.ToImage()] + tail)
+    a, b = ours(img), theirs(img)
+    assert isinstance(a, tv_tensors.Image) and a.is_contiguous() and not b.is_contiguous()
+    assert torch.equal(a, b)
+    assert torch.equal(ToContiguousImage()(img), T.ToImage()(img))  # uint8 (normalize_on_device) too
+    assert torch.equal(torch.stack([a, a]), torch.stack([b, b]))
+    assert isinstance(eval_transform(32).transforms[1], ToContiguousImage)
