@@ -194,10 +194,14 @@ class AugmentConfig:
 class ToContiguousImage(T.ToImage):
     """``v2.ToImage`` with a contiguous ``[3, H, W]`` result. torchvision's gives a PIL image as a channel-first *view*
     of its ``H x W x 3`` bytes, so the float conversion, the normalisation and the batch's ``torch.stack`` all walk
-    strided memory; one copy here makes them run on contiguous memory: the same values, about a quarter less time
-    for the whole tail of the transform (``bench/bench_loader.py``)."""
+    strided memory. Here an RGB image's three bands are copied out one after the other by PIL (as fast as the view),
+    so those steps run on contiguous memory: the same values, about a quarter less time for the whole tail of the
+    transform (``bench/bench_loader.py``)."""
 
     def transform(self, inpt: Any, params: Dict[str, Any]) -> tv_tensors.Image:
+        if isinstance(inpt, Image.Image) and inpt.mode == "RGB":
+            data = bytearray().join(band.tobytes() for band in inpt.split())
+            return tv_tensors.Image(torch.frombuffer(data, dtype=torch.uint8).view(3, inpt.height, inpt.width))
         image = super().transform(inpt, params)
         return image if image.is_contiguous() else tv_tensors.wrap(image.contiguous(), like=image)
 

@@ -222,7 +222,7 @@ def test_whole_pixel_translation_is_the_warp_pixel_for_pixel(size, monkeypatch):
     assert len(calls) == 8 and all(sorted(map(abs, c)) == [0, 7] for c in calls)
     calls.clear()
     ALBEFRandAugment(num_ops=2, p=1.0, ops=["ShearX", "Rotate"])(img)
-    only(torch.from_numpy(np.asarray(img)).permute(2, 0, 1))  # a tensor image: torchvision's warp
+    only(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a tensor image: torchvision's warp
     assert not calls
 
 
@@ -238,5 +238,9 @@ def test_contiguous_to_image_gives_torchvision_values():
     assert isinstance(a, tv_tensors.Image) and a.is_contiguous() and not b.is_contiguous()
     assert torch.equal(a, b)
     assert torch.equal(ToContiguousImage()(img), T.ToImage()(img))  # uint8 (normalize_on_device) too
+    wide = Image.fromarray(np.random.default_rng(1).integers(0, 256, (23, 41, 3), dtype=np.uint8))
+    for im in (wide, wide.convert("L"), wide.convert("RGBA")):  # RGB by bands; other modes through torchvision
+        out = ToContiguousImage()(im)
+        assert isinstance(out, tv_tensors.Image) and out.is_contiguous() and torch.equal(out, T.ToImage()(im))
     assert torch.equal(torch.stack([a, a]), torch.stack([b, b]))
     assert isinstance(eval_transform(32).transforms[1], ToContiguousImage)
