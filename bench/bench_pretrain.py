@@ -117,11 +117,11 @@ class RealBatches:
     the tokenizer folder from ``tokenizer``."""
 
     def __init__(self, kind: str, source: str, image_res: int, batch: int, text_len: int, num_workers: int, device,
-                 tokenizer: Optional[str] = None):
+                 tokenizer: Optional[str] = None, uint8: bool = False):
         from dataset import CaptionCollator
         from dataset.caption_dataset import PretrainDataset
         from dataset.sampling import create_train_loader
-        from dataset.transforms import AugmentConfig, train_transform
+        from dataset.transforms import AugmentConfig, train_transform, uint8_output
         from models.tokenizer import load_tokenizer
 
         if kind == "synthetic_world":
@@ -132,6 +132,9 @@ class RealBatches:
             raise SystemExit(f"--data {kind} needs --tokenizer DIR")
         self.tokenizer = load_tokenizer(tokenizer)
         transform = train_transform(image_res, AugmentConfig())
+        if uint8:  # normalize_on_device: uint8 images from the workers, normalised after the copy (as the trainer)
+            transform = uint8_output(transform)
+        self.uint8 = uint8
         collate = CaptionCollator(self.tokenizer, text_len)
         if kind == "shards":
             from dataset.shards import create_shard_loader
@@ -155,6 +158,10 @@ class RealBatches:
             self.it = iter(self.loader)
             b = next(self.it)
         b = move_to({k: v for k, v in b.items() if k != "bad_images"}, self.device)
+        if self.uint8:
+            from dataset.transforms import normalize_images
+
+            b["image"] = normalize_images(b["image"])
         self.wait_s += time.perf_counter() - t
         return b
 
@@ -162,13 +169,13 @@ class RealBatches:
 def bench(name: str, batch: int, steps: int, warmup: int, precision: str, device: torch.device,
           compile_model: bool, engine: bool = False, flops: bool = True, data: Optional[List[str]] = None,
           num_workers: int = 2, peak: Optional[float] = None, grad_ckpt: bool = False,
-          tokenizer: Optional[str] = None) -> List[dict]:
+          tokenizer: Optional[str] = None, uint8: bool = False) -> List[dict]:
     s = spec(name)
     real = None
     overrides = {}
     if data:
         kind, source = data
-        real = RealBatches(kind, source, s["image_res"], batch, s["text_len"], num_workers, device, tokenizer)
+        real = RealBatches(kind, source, s["image_res"], batch, s["text_len"], num_workers, device, tokenizer, uint8)
         tok = real.tokenizer
         if len(tok) > s["vocab_size"]:
             raise SystemExit(f"the tokenizer has {len(tok)} entries, more than size {name}'s vocabulary")
@@ -278,7 +285,8 @@ def bench(name: str, batch: int, steps: int, warmup: int, precision: str, device
                "s_per_step": dt, "steps_per_s": 1 / dt, "samples_per_s": batch / dt, "peak_mem": mem,
                "step_times_s": times[m] if device.type != "cuda" else None, "device": str(device),
                "threads": torch.get_num_threads(), "cpu_per_wall": cpus[m] / walls[m],
-               "data": "synthetic" if real is None else f"{data[0]} {data[1]}", "grad_ckpt": grad_ckpt,
+               "data": "synthetic" if real is None else f"{data[0]} {data[1]}" + (" uint8" if uint8 else ""),
+               "grad_ckpt": grad_ckpt,
                "compile": compile_model, "first_step_s": compile_s,
                "num_workers": num_workers if real is not None else None}
         if fl is not None:
@@ -307,7 +315,7 @@ def _child_argv(args, size: str, json_path: str) -> List[str]:
         if v is not None:
             argv += [f"--{flag.replace('_', '-')}" if flag != "peak_tflops" else "--peak_tflops", str(v)]
     argv += ["--compile"] * args.compile + ["--engine"] * args.engine + ["--no-flops"] * (not args.flops)
-    argv += ["--grad-ckpt"] * args.grad_ckpt
+    argv += ["--grad-ckpt"] * args.grad_ckpt + ["--normalize-on-device"] * args.normalize_on_device
     if args.data:
         argv += ["--data", *args.data]
     return argv
@@ -351,6 +359,8 @@ def main(argv=None):
                    help="batches from the engine's loader: synthetic_world DIR (DIR/pretrain.json), json FILE, or "
                         "shards PATTERN (these two with --tokenizer)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for --data json / shards")
+    p.add_argument("--normalize-on-device", action="store_true",
+                   help="with --data: uint8 images from the loader, normalised on the device (normalize_on_device)")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers with --data (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--in-process", action="store_true", help="run every size in this process (RSS accumulates)")
@@ -383,7 +393,7 @@ def main(argv=None):
             warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
             rows += bench(name, batch, steps, warmup, precision, device, args.compile, args.engine, args.flops,
                           args.data, args.num_workers if args.num_workers is not None else 2, peak,
-                          args.grad_ckpt, args.tokenizer)
+                          args.grad_ckpt, args.tokenizer, args.normalize_on_device)
             print(f"done {name}", file=sys.stderr, flush=True)
     peak_txt = f", MFU against {peak:g} TFLOP/s" if peak else ""
     print_table(rows, f"ALBEF pre-training step on {dev}, torch {torch.__version__}, compile={args.compile}"

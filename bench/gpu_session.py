@@ -95,7 +95,12 @@ def main(argv=None) -> int:
                   ("compile", dict(batch=batches[-1], compile_model=True)),
                   ("grad ckpt", dict(batch=batches[-1], grad_ckpt=True)),
                   ("data json compile", dict(batch=b0, data="json", compile_model=True)),
-                  ("data shards-384 compile", dict(batch=b0, data="shards", compile_model=True))]
+                  ("data shards-384 compile", dict(batch=b0, data="shards", compile_model=True)),
+                  # normalize_on_device (the shipped configs' setting): uint8 batches, normalised on the GPU
+                  ("data json uint8", dict(batch=b0, data="json", uint8=True)),
+                  ("data shards-384 uint8 compile", dict(batch=b0, data="shards", compile_model=True, uint8=True)),
+                  ("data shards-384 uint8 compile, 4 workers", dict(batch=b0, data="shards", compile_model=True,
+                                                                   uint8=True, workers=4))]
     results = []
 
     def save():
@@ -137,7 +142,8 @@ def main(argv=None) -> int:
             steps = args.steps if source is None else max(args.steps, 40)
             rows = bench_pretrain.bench(args.size, kw["batch"], steps, 3 if source is None else 8, precision, device,
                                         kw.get("compile_model", False), kw.get("engine", False), True, source,
-                                        args.workers, peak, kw.get("grad_ckpt", False), args.tokenizer)
+                                        kw.get("workers", args.workers), peak, kw.get("grad_ckpt", False),
+                                        args.tokenizer, kw.get("uint8", False))
             for r in rows:
                 r.update(label=label, row_s=round(time.time() - t_row, 1))
                 r.pop("step_times_s", None)
