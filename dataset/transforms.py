@@ -169,7 +169,8 @@ ALBEFRandAugment._AUGMENTATION_SPACE = {op: (_space_entry(op), signed)
 class AugmentConfig:
     """Training augmentation; defaults are the original pre-training pipeline."""
 
-    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop scale range
+    # RandomResizedCrop scale range; [1, 1]: no crop (the whole image resized to a square)
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True  # random horizontal flip (flips "left"/"right" relations, as the original)
     randaugment: bool = True  # RandAugment(num_ops, magnitude)
     randaugment_ops: int = 2
@@ -245,8 +246,17 @@ def randaugment(cfg: AugmentConfig) -> T.RandAugment:
 
 
 def train_transform(image_res: int, cfg: AugmentConfig) -> T.Compose:
-    ops: List[T.Transform] = [T.RandomResizedCrop(image_res, scale=tuple(cfg.crop_scale),
-                                                  interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+    """RandomResizedCrop (bicubic) -> flip -> RandAugment -> tensor -> CLIP normalisation, as ``cfg`` says.
+    ``crop_scale: [1, 1]`` (no crop) resizes the whole image to a square, as the evaluation transform: for a square
+    image exactly what RandomResizedCrop at scale 1 gives, without its ten failing tries for a crop (a third of the
+    demo's loading time); for another shape RandomResizedCrop would have cut the sides off."""
+    if tuple(cfg.crop_scale) == (1.0, 1.0):
+        first: T.Transform = T.Resize((image_res, image_res), interpolation=T.InterpolationMode.BICUBIC,
+                                      antialias=True)
+    else:
+        first = T.RandomResizedCrop(image_res, scale=tuple(cfg.crop_scale), interpolation=T.InterpolationMode.BICUBIC,
+                                    antialias=True)
+    ops: List[T.Transform] = [first]
     if cfg.hflip:
         ops.append(T.RandomHorizontalFlip())
     if cfg.randaugment:

@@ -244,3 +244,26 @@ def test_contiguous_to_image_gives_torchvision_values():
         assert isinstance(out, tv_tensors.Image) and out.is_contiguous() and torch.equal(out, T.ToImage()(im))
     assert torch.equal(torch.stack([a, a]), torch.stack([b, b]))
     assert isinstance(eval_transform(32).transforms[1], ToContiguousImage)
+
+
+def test_no_crop_is_the_whole_image_resized():
+    """crop_scale [1, 1]: for square images the pixels RandomResizedCrop at scale 1 gives (its tries fall back to the
+    whole image), without drawing; other shapes are resized whole (RandomResizedCrop would cut the sides)."""
+    cfg = AugmentConfig(crop_scale=[1.0, 1.0], hflip=False, randaugment=False)
+    tf = train_transform(64, cfg)
+    assert type(tf.transforms[0]) is T.Resize
+    rrc = T.Compose([T.RandomResizedCrop(64, scale=(1.0, 1.0), interpolation=T.InterpolationMode.BICUBIC,
+                                         antialias=True)] + tf.transforms[1:])
+    for size in (96, 64, 37, 300):
+        img = _noise_image(size, seed=size)
+        for s in range(3):
+            torch.manual_seed(s)
+            assert torch.equal(tf(img), rrc(img)), size
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 120, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    out = tf(wide)
+    assert torch.equal(torch.get_rng_state(), state)  # no random draw
+    tail = T.Compose(tf.transforms[1:])
+    assert torch.equal(out, tail(F.resize(wide, [64, 64], interpolation=T.InterpolationMode.BICUBIC, antialias=True)))
+    assert type(train_transform(64, AugmentConfig(crop_scale=[0.9, 1.0])).transforms[0]) is T.RandomResizedCrop
