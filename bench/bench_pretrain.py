@@ -169,7 +169,7 @@ class RealBatches:
 def bench(name: str, batch: int, steps: int, warmup: int, precision: str, device: torch.device,
           compile_model: bool, engine: bool = False, flops: bool = True, data: Optional[List[str]] = None,
           num_workers: int = 2, peak: Optional[float] = None, grad_ckpt: bool = False,
-          tokenizer: Optional[str] = None, uint8: bool = False) -> List[dict]:
+          tokenizer: Optional[str] = None, uint8: bool = False, precast_momentum: bool = True) -> List[dict]:
     s = spec(name)
     real = None
     overrides = {}
@@ -186,6 +186,7 @@ def bench(name: str, batch: int, steps: int, warmup: int, precision: str, device
         cfg.vit.grad_checkpointing = cfg.bert.grad_checkpointing = True
     model = ALBEF(cfg).to(device)
     model.train()
+    model.precast_momentum = precast_momentum  # False: autocast casts the teacher's weights at every layer call
     opt = create_optimizer(model, OptimizerConfig())
     compile_s = 0.0
     if compile_model:  # regional, as the engine's ``compile: true`` (engine.trainer.compile_regions)
@@ -316,6 +317,7 @@ def _child_argv(args, size: str, json_path: str) -> List[str]:
             argv += [f"--{flag.replace('_', '-')}" if flag != "peak_tflops" else "--peak_tflops", str(v)]
     argv += ["--compile"] * args.compile + ["--engine"] * args.engine + ["--no-flops"] * (not args.flops)
     argv += ["--grad-ckpt"] * args.grad_ckpt + ["--normalize-on-device"] * args.normalize_on_device
+    argv += ["--teacher-casts-per-call"] * (not args.precast_momentum)
     if args.data:
         argv += ["--data", *args.data]
     return argv
@@ -361,6 +363,9 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for --data json / shards")
     p.add_argument("--normalize-on-device", action="store_true",
                    help="with --data: uint8 images from the loader, normalised on the device (normalize_on_device)")
+    p.add_argument("--teacher-casts-per-call", dest="precast_momentum", action="store_false",
+                   help="under autocast, cast the momentum teacher's weights at every layer call (as before "
+                        "MomentumMixin.momentum_weights): the A/B baseline of the pre-cast teacher")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers with --data (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--in-process", action="store_true", help="run every size in this process (RSS accumulates)")
@@ -393,7 +398,7 @@ def main(argv=None):
             warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
             rows += bench(name, batch, steps, warmup, precision, device, args.compile, args.engine, args.flops,
                           args.data, args.num_workers if args.num_workers is not None else 2, peak,
-                          args.grad_ckpt, args.tokenizer, args.normalize_on_device)
+                          args.grad_ckpt, args.tokenizer, args.normalize_on_device, args.precast_momentum)
             print(f"done {name}", file=sys.stderr, flush=True)
     peak_txt = f", MFU against {peak:g} TFLOP/s" if peak else ""
     print_table(rows, f"ALBEF pre-training step on {dev}, torch {torch.__version__}, compile={args.compile}"

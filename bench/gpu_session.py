@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     data = {}
     # (label, kwargs of bench_pretrain.bench), most important first
     rows_plan = [("eager", dict(batch=b0, engine=True))]
+    rows_plan += [("eager, teacher cast per call", dict(batch=b0, precast=False))]  # A/B of the pre-cast teacher
     rows_plan += [("eager", dict(batch=b)) for b in batches[1:]]
     rows_plan += [("compile", dict(batch=b0, compile_model=True)),
                   ("data json", dict(batch=b0, data="json")),
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
             rows = bench_pretrain.bench(args.size, kw["batch"], steps, 3 if source is None else 8, precision, device,
                                         kw.get("compile_model", False), kw.get("engine", False), True, source,
                                         kw.get("workers", args.workers), peak, kw.get("grad_ckpt", False),
-                                        args.tokenizer, kw.get("uint8", False))
+                                        args.tokenizer, kw.get("uint8", False), kw.get("precast", True))
             for r in rows:
                 r.update(label=label, row_s=round(time.time() - t_row, 1))
                 r.pop("step_times_s", None)

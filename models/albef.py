@@ -287,8 +287,9 @@ class ALBEFBase(MomentumMixin, nn.Module):
         temp = self.temp
         with torch.no_grad():
             self.momentum_update()
-            img_m = self.encode_image(image, momentum=True)
-            txt_m = self.encode_text(input_ids, attention_mask, momentum=True)
+            with self.momentum_weights():
+                img_m = self.encode_image(image, momentum=True)
+                txt_m = self.encode_text(input_ids, attention_mask, momentum=True)
             with fp32_math(image.device):  # similarities and targets in float32, also under autocast
                 # (cat copies: the queues need no clone)
                 image_feat_all = torch.cat([img_m.feat.T, self.image_queue.float()], dim=1)
@@ -361,7 +362,8 @@ class ALBEF(ALBEFBase):
             if cfg.mlm_distill:  # the MLM teacher reads the momentum image encoder
                 with torch.no_grad():
                     self.momentum_update()
-                    img_m = self.encode_image(image, momentum=True)
+                    with self.momentum_weights(["visual_encoder", "vision_proj"]):
+                        img_m = self.encode_image(image, momentum=True)
 
         same = torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
         # The student's fusion-layer keys/values of the B images, shared by the ITM and MLM passes.
@@ -376,7 +378,7 @@ class ALBEF(ALBEFBase):
         positions = labels.ne(-100).nonzero(as_tuple=True) if self.sparse_mlm else None
         soft_labels = None
         if cfg.mlm_distill:
-            with torch.no_grad():
+            with torch.no_grad(), self.momentum_weights(["text_encoder"]):
                 logits_m = self.text_encoder_m(masked_ids, attention_mask, encoder_hidden_states=img_m.embeds,
                                                positions=positions)
                 soft_labels = F.softmax(logits_m.float(), dim=-1)

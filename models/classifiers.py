@@ -91,7 +91,8 @@ class _FusedClassifier(MomentumMixin, nn.Module):
         if self.distill:
             with torch.no_grad():
                 self.momentum_update()
-                teacher = self.classify(image, input_ids, attention_mask, momentum=True)
+                with self.momentum_weights():
+                    teacher = self.classify(image, input_ids, attention_mask, momentum=True)
         return {"loss_cls": distilled_cross_entropy(logits, targets, teacher, alpha)}
 
 

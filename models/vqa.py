@@ -94,9 +94,10 @@ class ALBEFVQA(MomentumMixin, nn.Module):
         if self.distill:
             with torch.no_grad():
                 self.momentum_update()
-                states_m = self.encode_question(image, question_ids, question_mask, momentum=True)
-                logits_m = self.answer_logits(answer_ids, answer_mask, states_m, question_mask, momentum=True,
-                                              question_index=q_index)
+                with self.momentum_weights():
+                    states_m = self.encode_question(image, question_ids, question_mask, momentum=True)
+                    logits_m = self.answer_logits(answer_ids, answer_mask, states_m, question_mask, momentum=True,
+                                                  question_index=q_index)
                 soft_labels = F.softmax(logits_m[:, :-1].float(), dim=-1)
         logits = self.answer_logits(answer_ids, answer_mask, states, question_mask, question_index=q_index)
         nll = answer_nll(logits, answer_ids, self.cfg.pad_token_id, soft_labels, alpha)
