@@ -8,36 +8,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.trainer import autocast_context
-from models.albef import ALBEF, ALBEFConfig, ALBEFRetrieval
-from models.bert import BertConfig
+from models.albef import ALBEF, ALBEFRetrieval
 from models.classifiers import ALBEFNLVR, ALBEFVE
-from models.vit import VisionConfig
 from models.vqa import ALBEFVQA
+from tests.test_fast_step import _batch, _cfg  # dropout 0.1: the RNG must line up too
 
 CPU = torch.device("cpu")
 
 
-def _cfg() -> ALBEFConfig:
-    return ALBEFConfig(image_res=16, vision_width=32, embed_dim=16, queue_size=24, momentum=0.9,
-                       vit=VisionConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2),
-                       bert=BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                       intermediate_size=64, fusion_layer=2, encoder_width=32,
-                                       max_position_embeddings=40),  # dropout 0.1: the RNG must line up too
-                       pad_token_id=0, cls_token_id=2, mask_token_id=4)
-
-
-def _text(bsz, length=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 60, (bsz, length), generator=g)
-    ids[:, 0] = 2
-    mask = torch.ones_like(ids)
-    mask[: bsz // 2, length - 3:] = 0
-    ids[mask == 0] = 0
+def _text(bsz):
+    _, ids, mask = _batch(bsz)
     return ids, mask
 
 
 def _images(n, seed=1):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return _batch(n, seed)[0]
 
 
 def _pretrain_call(model, seed):
