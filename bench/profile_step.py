@@ -4,6 +4,7 @@ the device's busy share of the wall time (a step whose device is idle much of th
 
     python bench/profile_step.py --size base --batch-size 64 --precision bf16      # on a GPU
     python bench/profile_step.py --size tiny --batch-size 8                        # on the CPU
+    python bench/profile_step.py --size base --batch-size 64 --precision bf16 --teacher-casts-per-call   # A/B
 
 ``--out DIR`` also writes the tables and a Chrome trace (``trace.json``, open in ui.perfetto.dev).
 """
@@ -27,6 +28,8 @@ from optim import OptimizerConfig, create_optimizer  # noqa: E402
 from runner_ours import albef_config  # noqa: E402
 from specs import make_inputs, spec  # noqa: E402
 
+# runtime and driver calls that launch a kernel (cuBLAS and cuDNN launch through cuLaunchKernelEx)
+LAUNCH_OPS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
             "aten::nonzero", "aten::item")
 
@@ -39,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--out", default=None)
+    p.add_argument("--teacher-casts-per-call", dest="precast_momentum", action="store_false",
+                   help="under autocast, cast the momentum teacher's weights at every layer call (the A/B baseline of "
+                        "MomentumMixin.momentum_weights)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
@@ -46,6 +52,7 @@ def main(argv=None) -> int:
     s = spec(args.size)
     torch.manual_seed(0)
     model = ALBEF(albef_config(s)).to(device).train()
+    model.precast_momentum = args.precast_momentum
     opt = create_optimizer(model, OptimizerConfig())
     batch = make_inputs(s, args.batch_size, device)
 
@@ -72,11 +79,13 @@ def main(argv=None) -> int:
         sync()
         wall = (time.perf_counter() - t0) / args.steps
     events = prof.key_averages()
-    out = [f"{args.size} batch {args.batch_size} {precision} on {torch.cuda.get_device_name(device) if gpu else 'cpu'}"
+    casts = "" if args.precast_momentum else ", teacher cast per call"
+    where = torch.cuda.get_device_name(device) if gpu else "cpu"
+    out = [f"{args.size} batch {args.batch_size} {precision}{casts} on {where}"
            f", torch {torch.__version__}: {wall * 1e3:.1f} ms/step (profiled)"]
     if gpu:
         kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        launches = sum(e.count for e in events if e.key in LAUNCH_OPS)
         out.append(f"device busy {kernel_us / 1e3 / args.steps:.1f} ms/step = "
                    f"{100 * kernel_us / 1e6 / args.steps / wall:.0f} % of the wall time; "
                    f"{launches / args.steps:.0f} kernel launches/step")
