@@ -1,5 +1,6 @@
 """The EMA ("momentum") teacher every ALBEF model keeps: frozen ``<name>_m`` copies of some online submodules,
-updated as ``theta_m <- m * theta_m + (1 - m) * theta`` with two foreach kernels per step."""
+updated as ``theta_m <- m * theta_m + (1 - m) * theta`` with two foreach kernels per step, and run under autocast
+with its Linear/Conv weights cast once per teacher pass (:meth:`MomentumMixin.momentum_weights`)."""
 from __future__ import annotations
 
 import contextlib
