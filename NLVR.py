@@ -1,4 +1,4 @@
-"""ALBEF for NLVR2: is a sentence true of a pair of images? Fine-tune from a text-assignment checkpoint
+r"""ALBEF for NLVR2: is a sentence true of a pair of images? Fine-tune from a text-assignment checkpoint
 (``Pretrain_nlvr.py``, or the released ``pretrain_model_nlvr.pth``), or evaluate a fine-tuned one.
 
     torchrun --nproc_per_node=8 NLVR.py --config configs/NLVR.yaml --output_dir output/NLVR \

@@ -1,11 +1,11 @@
-"""NLVR2's text-assignment pre-training (the original ``Pretrain_nlvr.py``): from a pre-trained ALBEF, learn to
+r"""NLVR2's text-assignment pre-training (the original ``Pretrain_nlvr.py``): from a pre-trained ALBEF, learn to
 tell whether a caption describes the first, the second or neither of two images, with the 18-layer two-image
 fusion encoder that ``NLVR.py`` then fine-tunes.
 
     torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml \
         --output_dir output/NLVR_pretrain --checkpoint ALBEF.pth
     python Pretrain_nlvr.py --config configs/NLVR_pretrain_tiny.yaml --output_dir output/demo_nlvr_ta \
-        --checkpoint output/demo/checkpoint_04.pth --device cpu
+        --checkpoint output/demo/checkpoint_05.pth --device cpu
 
 Each fusion layer of the checkpoint initialises two layers (one per image). Writes ``checkpoint_XX.pth`` every
 epoch (``NLVR.py --checkpoint`` takes it) and ``log.txt``.

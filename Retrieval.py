@@ -1,10 +1,10 @@
-"""ALBEF image-text retrieval: fine-tune (ITC with same-image positives + ITM) and evaluate (ITC top-k, ITM re-rank).
+r"""ALBEF image-text retrieval: fine-tune (ITC with same-image positives + ITM) and evaluate (ITC top-k, ITM re-rank).
 
     torchrun --nproc_per_node=8 Retrieval.py --config configs/Retrieval_coco.yaml --output_dir output/Retrieval_coco \
         --checkpoint ALBEF.pth
     python Retrieval.py ... --evaluate            # evaluate only (zero-shot or a fine-tuned checkpoint)
     python Retrieval.py --config configs/Retrieval_tiny.yaml --output_dir output/retrieval_demo \
-        --checkpoint output/demo/checkpoint_04.pth --device cpu
+        --checkpoint output/demo/checkpoint_05.pth --device cpu
 """
 from __future__ import annotations
 

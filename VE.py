@@ -1,9 +1,9 @@
-"""ALBEF for SNLI-VE (visual entailment): fine-tune a 3-way classifier on the fused [CLS], or evaluate one.
+r"""ALBEF for SNLI-VE (visual entailment): fine-tune a 3-way classifier on the fused [CLS], or evaluate one.
 
     torchrun --nproc_per_node=8 VE.py --config configs/VE.yaml --output_dir output/VE --checkpoint ALBEF.pth
     python VE.py ... --evaluate                   # val/test accuracy of a fine-tuned checkpoint
     python VE.py --config configs/VE_tiny.yaml --output_dir output/demo_ve \
-        --checkpoint output/demo/checkpoint_04.pth --device cpu
+        --checkpoint output/demo/checkpoint_05.pth --device cpu
 
 Annotations: ``[{"image": id (no extension), "sentence": hypothesis, "label": entailment|neutral|contradiction}]``.
 Training can stream webdataset shards instead of ``train_file``: write them with ``python -m tools.make_shards

@@ -1,7 +1,7 @@
 """Time of the retrieval ITM re-rank evaluation: batched (many query rows per fusion call) against the original's
 one-row-at-a-time loop, on the synthetic world's test split with a given checkpoint.
 
-    python bench/bench_rerank.py --checkpoint output/demo/checkpoint_04.pth --config configs/Retrieval_tiny.yaml
+    python bench/bench_rerank.py --checkpoint output/demo/checkpoint_05.pth --config configs/Retrieval_tiny.yaml
 """
 from __future__ import annotations
 

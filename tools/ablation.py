@@ -1,8 +1,9 @@
-"""The paper's Table 1 (the objectives ablation) in miniature: pre-train one model per objective row and seed, then
+r"""The paper's Table 1 (the objectives ablation) in miniature: pre-train one model per objective row and seed, then
 tabulate the zero-shot retrieval of every row as mean and standard deviation over the seeds.
 
     python -m tools.ablation --config configs/Pretrain_tiny_ablation.yaml --seeds 0 1 2 --out output/ablation \
-        [--rows all|MLM+ITM,full] [--epochs N] [--device cpu] [--jobs N] [--options key=value ...] [--dry-run] [--report]
+        [--rows all|MLM+ITM,full] [--epochs N] [--device cpu] [--jobs N] [--options key=value ...] \
+        [--dry-run] [--report]
 
 The rows are :data:`models.albef.OBJECTIVE_ROWS` (ITM without "hard": random in-batch negatives; MoD: momentum
 distillation of that loss)::
@@ -18,8 +19,9 @@ Each run is a subprocess ``Pretrain.py --config C --output_dir OUT/<row>/seed<k>
 A run whose folder already holds ``eval_test.json`` (written by Pretrain.py after its last epoch) and a
 ``config.yaml`` with the row's switches (and ``--epochs``) is skipped, so an interrupted ablation continues where it
 stopped. All runs in ``OUT`` share one setting (the config's YAML content, ``--options``, ``--epochs``), stamped in
-``OUT/ablation_setting.json`` by the first run; another setting is refused (a fresh ``--out`` is needed). The metrics are Pretrain.py's zero-shot ITC
-retrieval on ``test_file`` (the paper reports fine-tuned retrieval, VQA and NLVR2 instead). Writes
+``OUT/ablation_setting.json`` by the first run; another setting is refused (a fresh ``--out`` is needed). The
+metrics are Pretrain.py's zero-shot ITC retrieval on ``test_file`` (the paper reports fine-tuned retrieval, VQA and
+NLVR2 instead). Writes
 ``OUT/ablation.json`` (every run's metrics, each row's mean and std), ``OUT/ablation.md`` (a table) and
 ``OUT/ablation.png`` (bars with the std as error bars).
 """

@@ -1,4 +1,4 @@
-"""Rank a folder of images for text queries with an ALBEF checkpoint: ITC similarity, then ITM re-rank.
+r"""Rank a folder of images for text queries with an ALBEF checkpoint: ITC similarity, then ITM re-rank.
 
     python -m tools.search --checkpoint output/demo/checkpoint_05.pth --config configs/Pretrain_tiny.yaml \
         --images data/synthetic/images --query "a red circle left of a blue square" "two green triangles" \
