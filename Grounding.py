@@ -1,11 +1,11 @@
-"""ALBEF weakly-supervised visual grounding (RefCOCO+): retrieval fine-tuning on (image, referring expression)
+r"""ALBEF weakly-supervised visual grounding (RefCOCO+): retrieval fine-tuning on (image, referring expression)
 pairs, then the proposal with the most Grad-CAM heat per expression (paper Table 5; the original protocol).
 
     torchrun --nproc_per_node=8 Grounding.py --config configs/Grounding.yaml --output_dir output/RefCOCO+ \
         --checkpoint ALBEF.pth [--gradcam_mode itm|itc] [--block_num 8]
     python Grounding.py --config configs/Grounding.yaml --checkpoint refcoco.pth --evaluate   # the paper's numbers
     python Grounding.py --config configs/Grounding_tiny.yaml --output_dir output/grounding_demo \
-        --checkpoint output/demo/checkpoint_04.pth --device cpu                                # the synthetic world
+        --checkpoint output/demo/checkpoint_05.pth --device cpu                                # the synthetic world
 
 Training is retrieval fine-tuning (ITC with same-image positives + ITM, momentum distillation) on the shared
 engine. Evaluation (after every epoch, or alone with ``--evaluate``) computes each expression's Grad-CAM
@@ -191,7 +191,7 @@ def main(argv=None) -> Dict[str, Any]:
     model.to(device)
 
     test_set = GroundingDataset(cfg.test_file, eval_transform(cfg.image_res), cfg.image_root, cfg.max_words,
-                                mode="eval", max_image_pixels=cfg.max_image_pixels)
+                                mode="eval", max_image_pixels=cfg.max_image_pixels).require_images()
     ref_ids = sorted({r["ref_id"] for r in test_set.records})
     missing = [r for r in ref_ids if r not in refer.refs]
     if missing:

@@ -204,9 +204,9 @@ def main(argv=None) -> Dict[str, float]:
         if not cfg.itc:
             print0("itc: false -- the zero-shot ITC retrieval below ranks by untrained (frozen) projections")
 
-    trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
-                exit_after_epochs=args.exit_after_epochs)
-    if results and du.is_main_process():
+    finished = trainer.fit(loader, train_step, cfg.scheduler.epochs, sampler=sampler, after_epoch=after_epoch,
+                           exit_after_epochs=args.exit_after_epochs)
+    if finished and results and du.is_main_process():  # eval_test.json: the finished run's (tools/ablation.py)
         if world is not None:
             results.update(world["ceilings"])
         with open(os.path.join(args.output_dir, "eval_test.json"), "w") as f:

@@ -1,9 +1,9 @@
-"""ALBEF for VQA: fine-tune the answer decoder, then rank the answer list for every test question.
+r"""ALBEF for VQA: fine-tune the answer decoder, then rank the answer list for every test question.
 
     torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa --checkpoint ALBEF.pth
     python VQA.py ... --checkpoint output/vqa/checkpoint_07.pth --evaluate      # answers only
     python VQA.py --config configs/VQA_tiny.yaml --output_dir output/demo_vqa \
-        --checkpoint output/demo/checkpoint_04.pth --device cpu
+        --checkpoint output/demo/checkpoint_05.pth --device cpu
 
 Writes ``checkpoint_XX.pth`` every epoch (no validation split, as the original), then
 ``result/vqa_result_epoch{E}.json`` = ``[{"question_id", "answer"}]`` for the official server, and, when the test
@@ -113,7 +113,7 @@ def main(argv=None) -> Dict[str, float]:
     model.to(device)
 
     test_set = VQADataset(cfg.test_file, eval_transform(cfg.image_res), cfg.vqa_root, cfg.vg_root, "test", 50,
-                          max_image_pixels=cfg.max_image_pixels)
+                          max_image_pixels=cfg.max_image_pixels).require_images()
     test_loader = DataLoader(Subset(test_set, range(du.get_rank(), len(test_set), du.get_world_size())),
                              batch_size=cfg.batch_size_test, num_workers=min(cfg.num_workers, 4),
                              collate_fn=VQACollator(tokenizer, model.cfg.bert.max_position_embeddings))

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from torch.utils.data import Dataset
 
 from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, BadImagePolicy,  # noqa: F401
-                            ImageLoader, describe_roots, load_first_readable)
+                            ImageLoader, MissingDataError, describe_roots, load_first_readable, require_images)
 from dataset.text import pre_caption
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 def load_json_list(path: str, required: Sequence[str]) -> List[Dict[str, Any]]:
     """Read a JSON list of records and check that each has the ``required`` keys (errors name file and index)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation file {path} does not exist")
+        hint = ("; the synthetic world's files are generated: `make demo` (then `make tasks-demo` / "
+                "`make grounding-demo` for the task files)") if "synthetic" in path else ""
+        raise MissingDataError(f"annotation file {path} does not exist{hint}")
     with open(path) as f:
         try:
             data = json.load(f)
@@ -114,6 +116,7 @@ class RetrievalEvalDataset(Dataset):
                 self.img2txt[i].append(len(self.text))
                 self.text.append(pre_caption(c, max_words))
         self.load = ImageLoader("raise", max_image_pixels)  # evaluation: every image counts, a bad one is an error
+        require_images(enumerate(self.images), f"annotation file {ann_file}; {describe_roots([ann_file], image_root)}")
 
     def __len__(self) -> int:
         return len(self.images)

@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -244,6 +244,38 @@ class BadImagePolicy:
         """Replace the loader (for data sets built by someone else's factory); returns ``self``."""
         self.load = ImageLoader(on_bad_image, max_image_pixels)
         return self
+
+    def require_images(self):
+        """Check that every record's image files exist (:func:`require_images`; for evaluation sets); returns
+        ``self``. The records are ``self.records``, each with an ``image`` path or a list of ``images``."""
+        records = getattr(self, "records")
+        require_images(((i, p) for i, rec in enumerate(records)
+                        for p in (rec["images"] if "images" in rec else [rec["image"]])),
+                       self.where or type(self).__name__)
+        return self
+
+
+class MissingDataError(FileNotFoundError):
+    """An annotation file, or images of an evaluation set, do not exist (the message names them, their records and
+    the roots searched)."""
+
+
+def require_images(paths: Iterable[Tuple[int, str]], where: str) -> None:
+    """Raise :class:`MissingDataError` naming the images of ``paths`` (``(record index, path)``) that do not exist.
+    Evaluation needs every image: its data sets check this when they are built, so that a missing file stops the run
+    at start-up, not after a training epoch."""
+    seen, missing = set(), []
+    for i, p in paths:
+        if p not in seen:
+            seen.add(p)
+            if not os.path.isfile(p):
+                missing.append(f"record {i}: {p}")
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise MissingDataError(
+            f"{len(missing)} of the {len(seen)} images do not exist ({where}); evaluation needs every image: "
+            + "; ".join(missing[:5]) + more + ". Check image_root; `python -m tools.check_data` lists every bad "
+            "record.")
 
 
 def describe_roots(ann_files: Sequence[str], image_root: Optional[str]) -> str:

@@ -115,8 +115,8 @@ def run_classifier(args: argparse.Namespace, cfg: ClassifierConfig, model: nn.Mo
     """
     collate = CaptionCollator(tokenizer, min(cfg.max_tokens, model.cfg.bert.max_position_embeddings))
     eval_sets = {split: eval_loader(make_dataset(path, eval_transform(cfg.image_res)).set_image_options(
-                                        "raise", cfg.max_image_pixels), cfg.batch_size_test, min(cfg.num_workers, 4),
-                                    collate)
+                                        "raise", cfg.max_image_pixels).require_images(), cfg.batch_size_test,
+                                    min(cfg.num_workers, 4), collate)
                  for split, path in (("val", cfg.val_file), ("test", cfg.test_file)) if path}
     model.to(device)
 

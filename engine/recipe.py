@@ -81,7 +81,7 @@ def add_resume_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "or apply the new ones")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --output_dir that holds another run's checkpoints (deletes them)")
-    p.add_argument("--exit_after_epochs", type=int, default=None,
+    p.add_argument("--exit_after_epochs", type=_positive_int, default=None,
                    help="stop after this many epochs of this run (time-limited jobs); resume later")
     return p
 
@@ -146,6 +146,9 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
                 max_image_pixels=cfg.max_image_pixels, sample=shard_sample)
             run_info["num_workers"] = cfg.num_workers  # each worker streams its own sequence of the shards
             n_samples = f"{cfg.train_samples_per_epoch} samples per epoch streamed from {shards}"
+            if getattr(cfg, "train_file", None):
+                print0(f"note: train_shards is set, so the training data are the shards; train_file "
+                       f"{cfg.train_file} is not read for training")
         else:
             loader, sampler = create_train_loader(dataset, batch_size, cfg.num_workers, args.seed, collate_fn,
                                                   cfg.persistent_workers, cfg.prefetch_factor)
@@ -191,6 +194,13 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def setup_run(cls, args: argparse.Namespace):
     """Config (validated, overrides applied) -> process group -> seed -> output folder with the resolved
     ``config.yaml`` -> tokenizer. Returns ``(cfg, device, tokenizer)``; config errors surface before any process
@@ -215,11 +225,14 @@ def setup_run(cls, args: argparse.Namespace):
 
 
 def run_cli(main) -> None:
-    """Run a script's ``main()``. A config or resume error prints one line naming the file and key and exits with 2;
-    a stop signal (SIGTERM / SIGUSR1) exits with ``EXIT_PREEMPTED`` (75) once its checkpoint is written."""
+    """Run a script's ``main()``. A config or resume error, missing weights or missing evaluation images print one
+    line naming the file and key and exit with 2; a stop signal (SIGTERM / SIGUSR1) exits with ``EXIT_PREEMPTED``
+    (75) once its checkpoint is written."""
     import sys
 
+    from dataset.images import MissingDataError
     from engine.resume import OutputDirError, ResumeError
+    from models.pretrained import MissingWeightsError
     from engine.trainer import EXIT_PREEMPTED, Preempted
     from utils import distributed as du
 
@@ -230,6 +243,10 @@ def run_cli(main) -> None:
         sys.exit(2)
     except ResumeError as e:
         print(f"{'output_dir' if isinstance(e, OutputDirError) else 'resume'} error: {e}", file=sys.stderr)
+        du.cleanup()
+        sys.exit(2)
+    except (MissingWeightsError, MissingDataError) as e:
+        print(f"missing file: {e}", file=sys.stderr)
         du.cleanup()
         sys.exit(2)
     except Preempted:

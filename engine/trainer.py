@@ -660,6 +660,19 @@ class Trainer:
                 f"step {global_step}) with {shown}. No checkpoint was written with these weights; lower optimizer.lr, "
                 "set grad_clip, or resume from an earlier checkpoint.")
 
+    def _keep_epoch_after_failed_evaluation(self, epoch: int, stats: Dict[str, Any], error: Exception) -> None:
+        """The evaluation after ``epoch`` raised: in a single-process run, write the epoch's checkpoint anyway (its
+        training is not lost; ``--resume`` continues with the next epoch, without this epoch's evaluation, and from
+        the RNG state the failed evaluation left) and log the epoch's training statistics with the error. With
+        several ranks nothing is written: the other ranks may be waiting in one of the evaluation's collectives,
+        and saving is collective too."""
+        if du.get_world_size() > 1 or self.consecutive_bad:
+            return
+        path = self.save(epoch)
+        self.log.line({**stats, "epoch": epoch, "eval_error": f"{type(error).__name__}: {error}"[:500]})
+        print0(f"evaluation after epoch {epoch} failed ({type(error).__name__}); the epoch's training is kept in "
+               f"{path}: fix the cause and continue with --resume (epoch {epoch} is not evaluated again)")
+
     def fit(self, loader, train_step: Callable, epochs: int, sampler=None,
             after_epoch: Optional[Callable[[int], Dict[str, Any]]] = None,
             batch_size_of: Callable[[Any], int] = lambda b: len(b["image"]),
@@ -688,7 +701,11 @@ class Trainer:
                     sampler.set_start(start_step * self.batch_size * self.opts.accum_steps)
                 stats = self.train_epoch(loader, epoch, train_step, batch_size_of, start_step)
                 # Evaluate before saving, so the saved RNG state is exactly the one the next epoch starts from.
-                extra = after_epoch(epoch) if after_epoch is not None else {}
+                try:
+                    extra = after_epoch(epoch) if after_epoch is not None else {}
+                except Exception as e:
+                    self._keep_epoch_after_failed_evaluation(epoch, stats, e)
+                    raise
                 if self.consecutive_bad:  # the weights are those before a streak of skipped steps: likely exploded
                     if epoch + 1 == epochs:
                         raise FloatingPointError(

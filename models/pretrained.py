@@ -35,6 +35,22 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def looks_like_a_path(name: str) -> bool:
+    """A local path, not a hub name (``org/name`` or ``name``): absolute, relative with ``.``/``~``, more than one
+    ``/``, or a weights file's extension."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or name.endswith((".pth", ".pt", ".bin", ".safetensors", ".json", ".txt")))
+
+
+def missing_path_message(what: str, name: str) -> str:
+    """``what`` at local path ``name`` does not exist; a hint for the synthetic world's files."""
+    msg = f"{what} {name!r} does not exist (no such file or folder: {os.path.abspath(os.path.expanduser(name))})"
+    if "synthetic" in name:
+        msg += ("; the synthetic world's files are generated: `python -m dataset.synthetic --out data/synthetic` "
+                "(`make demo` does it; `make tasks-demo` and `make grounding-demo` add the task files)")
+    return msg
+
+
 def resolve_hf_path(name: str, what: str, files: Iterable[str] = ("config.json",)) -> str:
     """Return a local folder for ``name`` (a folder, or a hub repo id that is cached or downloadable).
 
@@ -45,6 +61,8 @@ def resolve_hf_path(name: str, what: str, files: Iterable[str] = ("config.json",
         return name
     if os.path.exists(name):
         raise MissingWeightsError(f"{what} {name!r} must be a folder (save_pretrained layout) or a hub name")
+    if looks_like_a_path(name):
+        raise MissingWeightsError(missing_path_message(what, name))
     from huggingface_hub import snapshot_download
 
     try:  # the local cache, no network
@@ -150,6 +168,8 @@ def load_vit_weights(vit: torch.nn.Module, name_or_path: str) -> None:
     else:
         import timm
 
+        if looks_like_a_path(name_or_path):
+            raise MissingWeightsError(missing_path_message("ViT weights", name_or_path))
         repo = f"timm/{name_or_path}" if "/" not in name_or_path else name_or_path
         folder = resolve_hf_path(repo, what="ViT weights", files=("model.safetensors",))
         files = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(folder, f))]

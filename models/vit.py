@@ -30,6 +30,12 @@ class VisionConfig:
     grad_checkpointing: bool = False  # recompute blocks in the backward pass to save memory
 
     def __post_init__(self):
+        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"vit.{key} must be at least 1, got {getattr(self, key)}")
+        if not self.mlp_ratio > 0 or not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"vit.mlp_ratio must be > 0 and vit.drop_path_rate in [0, 1), got {self.mlp_ratio} and "
+                             f"{self.drop_path_rate}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"vit.embed_dim {self.embed_dim} is not a multiple of vit.num_heads {self.num_heads}")
 

@@ -267,3 +267,30 @@ def test_check_data_cli(tmp_path):
     res = _run_check("--config", str(cfg), "--workers", "1", "--out", str(out))
     assert res.returncode == 0, res.stdout + res.stderr
     assert out.read_text() == "" and "checked 6 records" in res.stdout
+
+    # RefCOCO+ (grounding) records carry their expression as "text"
+    (tmp_path / "refs.json").write_text(json.dumps([{"image": "1.jpg", "text": "the left cat", "ref_id": 3}]))
+    res = _run_check("--ann", str(tmp_path / "refs.json"), "--image_root", str(img), "--workers", "1",
+                     "--out", str(out))
+    assert res.returncode == 0 and "checked 1 records" in res.stdout, res.stdout + res.stderr
+
+
+def test_evaluation_sets_require_every_image(tmp_path):
+    """Evaluation sets check at build time that every image exists, naming the record, the path and the roots."""
+    from dataset.caption_dataset import RetrievalEvalDataset
+
+    _jpeg(tmp_path / "ok.jpg")
+    (tmp_path / "n.json").write_text(json.dumps([
+        {"images": ["ok.jpg", "ok.jpg"], "sentence": "first", "label": "True"},
+        {"images": ["ok.jpg", "gone1.jpg"], "sentence": "second", "label": "False"}]))
+    n = NLVRDataset(str(tmp_path / "n.json"), eval_transform(16))
+    with pytest.raises(FileNotFoundError, match=r"1 of the 2 images do not exist \(annotation files .*n.json.*; "
+                                                r"image_root is not set.*record 1: .*gone1.jpg"):
+        n.require_images()
+    (tmp_path / "q.json").write_text(json.dumps([{"question": "q1?", "image": "ok.jpg", "answer": ["x"]}]))
+    vqa = VQADataset(str(tmp_path / "q.json"), eval_transform(16), str(tmp_path))
+    assert vqa.require_images() is vqa
+    (tmp_path / "r.json").write_text(json.dumps([{"image": "ok.jpg", "caption": ["a"]}]
+                                                + [{"image": f"gone{i}.jpg", "caption": ["b"]} for i in range(7)]))
+    with pytest.raises(FileNotFoundError, match=r"7 of the 8 images .*record 1: .*gone0.jpg.*\(and 2 more\)"):
+        RetrievalEvalDataset(str(tmp_path / "r.json"), eval_transform(16))

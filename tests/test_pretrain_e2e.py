@@ -68,6 +68,7 @@ def test_resume_equals_uninterrupted_run(two_epoch_run, tmp_path):
     out = tmp_path / "out"
     _run(config, out, "--exit_after_epochs", "1")
     assert (out / "checkpoint_00.pth").exists() and not (out / "checkpoint_01.pth").exists()
+    assert not (out / "eval_test.json").exists()  # the final evaluation's file belongs to a finished run
     _run(config, out, "--resume")
     a = torch.load(full_out / "checkpoint_01.pth", map_location="cpu", weights_only=False)
     b = torch.load(out / "checkpoint_01.pth", map_location="cpu", weights_only=False)

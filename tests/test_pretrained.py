@@ -186,6 +186,39 @@ def test_load_vit_weights_uncached_timm_name_offline_raises(no_network):
     assert no_network["attempts"] == []
 
 
+@pytest.mark.parametrize("path", ["/models/nope.pth", "./vit.pth", "checkpoints/deit/model.safetensors"])
+def test_load_vit_weights_missing_local_file_is_named_as_such(path, no_network):
+    with pytest.raises(MissingWeightsError, match=f"ViT weights '{re.escape(path)}' does not exist"):
+        load_vit_weights(create_vit(VisionConfig(**VIT), 32), path)
+    assert no_network["attempts"] == []
+
+
+def test_missing_local_folder_is_not_reported_as_a_hub_name(no_network, tmp_path):
+    """A path that is no hub name (``org/name``) is named as a missing file, with the synthetic world's recipe."""
+    with pytest.raises(MissingWeightsError, match=r"tokenizer '.*/synthetic/tokenizer' does not exist .*make demo"):
+        resolve_hf_path(str(tmp_path / "synthetic" / "tokenizer"), "tokenizer")
+    with pytest.raises(MissingWeightsError, match=r"BERT weights '/w/bert' does not exist \(no such file or folder"):
+        resolve_hf_path("/w/bert", "BERT weights")
+    assert no_network["attempts"] == []
+
+
+def test_scripts_print_one_line_for_missing_files(tmp_path):
+    """Missing weights, tokenizer or data files end the script with one line on stderr and exit code 2."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "VE.py", "--config", "configs/VE_tiny.yaml", "--output_dir",
+                          str(tmp_path / "out"), "--device", "cpu", "--options", "tokenizer=nowhere/at/all"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "missing file: tokenizer 'nowhere/at/all' does not exist (no such file or folder: "
+        f"{os.path.join(ROOT, 'nowhere', 'at', 'all')})"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # BERT from Hugging Face folders
 # --------------------------------------------------------------------------------------------------------------

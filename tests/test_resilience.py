@@ -7,6 +7,7 @@ uninterrupted runs.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from torch import nn
 import Pretrain
 from engine import checkpoint as ckpt
 from engine.resume import ResumeError, config_changes
+from dataset.images import BadImageError
 from engine.trainer import EXIT_PREEMPTED, Trainer, TrainOptions
 from optim import OptimizerConfig, create_optimizer
 from scheduler import SchedulerConfig, create_scheduler
@@ -194,8 +196,6 @@ def one_epoch(tmp_path_factory, tiny_world):
 
 
 def _copy_run(src, dst):
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 
@@ -210,7 +210,7 @@ def test_resume_with_changed_settings_is_refused_with_the_list(one_epoch, tmp_pa
     with pytest.raises(ResumeError, match="run.seed: 42 -> 7"):
         _in_process(config, out, "--resume", "--seed", "7")
     # harmless keys may change freely
-    _in_process(config, out, "--resume", "--options", "print_freq=2", "num_workers=0", "--exit_after_epochs", "0")
+    _in_process(config, out, "--resume", "--options", "print_freq=2", "num_workers=0", "--exit_after_epochs", "1")
 
 
 def test_resume_changes_apply_takes_effect(one_epoch, tmp_path):
@@ -470,3 +470,41 @@ def test_pretraining_on_shards_resumes_exactly(tmp_path, tiny_world):
     _die(config, out, 5)
     _in_process(config, out, "--resume")
     _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")
+
+
+# ----------------------------------------------------------------------------------- evaluation sets and failures
+def _test_file_with(tmp_path, tiny_world, image):
+    """The tiny world's test file with record 1's image replaced by ``image`` (absolute)."""
+    records = json.loads((tiny_world / "retrieval_test.json").read_text())
+    records = [dict(r, image=str(tiny_world / r["image"])) for r in records]
+    records[1]["image"] = str(image)
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_missing_evaluation_image_stops_the_run_at_start_up(tmp_path, tiny_world):
+    test_file = _test_file_with(tmp_path, tiny_world, tmp_path / "gone.jpg")
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=test_file)
+    with pytest.raises(FileNotFoundError, match=r"1 of the 16 images do not exist \(annotation file .*test.json.*"
+                                                r"record 1: .*gone.jpg"):
+        _in_process(config, tmp_path / "out", "--options", "schedular.epochs=1")
+    assert not list((tmp_path / "out").glob("checkpoint_*.pth"))  # nothing trained: it failed before the epoch
+
+
+def test_failed_evaluation_keeps_the_epochs_checkpoint(tmp_path, tiny_world):
+    """An image that exists but cannot be decoded fails the evaluation after epoch 0: the epoch's checkpoint is
+    written anyway (single process) with its training line in log.txt, and --resume continues with epoch 1."""
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    test_file = _test_file_with(tmp_path, tiny_world, broken)
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=test_file)
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        _in_process(config, tmp_path / "out", "--options", "schedular.epochs=2")
+    assert _step_of(tmp_path / "out" / "checkpoint_00.pth") > 0
+    lines = [json.loads(x) for x in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert lines[-1]["epoch"] == 0 and "broken.jpg" in lines[-1]["eval_error"] and "loss_itm" in str(lines[-1])
+    shutil.copy(tiny_world / json.loads((tiny_world / "retrieval_test.json").read_text())[1]["image"], broken)
+    _in_process(config, tmp_path / "out", "--resume", "--options", "schedular.epochs=2")
+    assert (tmp_path / "out" / "checkpoint_01.pth").exists()
+    assert json.loads((tmp_path / "out" / "log.txt").read_text().splitlines()[-1])["epoch"] == 1

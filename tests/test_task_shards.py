@@ -144,11 +144,13 @@ def test_classifier_trains_from_shards(task, tmp_path, tiny_world, task_files, c
     import VE
 
     pattern = _write(task, [task_files[f"{task}_train"]], {"image_root": str(tiny_world)}, tmp_path / "sh")
-    config = _classifier_config(tmp_path / "c.yaml", tiny_world, task_files, task, train_file=[],
+    config = _classifier_config(tmp_path / "c.yaml", tiny_world, task_files, task,  # train_file stays set
                                 train_shards=pattern, train_samples_per_epoch=16)
     script = VE if task == "ve" else NLVR
     script.main(["--config", config, "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
-    assert "data: 16 samples per epoch streamed from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data: 16 samples per epoch streamed from" in out
+    assert "note: train_shards is set, so the training data are the shards; train_file" in out
     line = _log(tmp_path / "out")[0]
     assert {"train_loss_cls", "val_acc", "test_acc"} <= set(line)
     with pytest.raises(Exception, match="train_samples_per_epoch"):

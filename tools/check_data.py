@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, check_image_options, describe_roots, load_rgb
 
-TEXT_KEYS = ("caption", "sentence", "question")
+TEXT_KEYS = ("caption", "sentence", "question", "text")  # text: RefCOCO+ (grounding) records
 _FROM_CONFIG: Any = object()
 
 
