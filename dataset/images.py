@@ -229,7 +229,10 @@ class ImageLoader:
                 raise
             self.num_bad += 1
             if self.num_bad <= self.max_warnings or self.num_bad % 1000 == 0:
-                log.warning("skipping %s; %d skipped so far in this worker (pid %d)", e, self.num_bad, os.getpid())
+                from torch.utils.data import get_worker_info
+
+                where = "loader worker" if get_worker_info() is not None else "process"
+                log.warning("skipping %s; %d skipped so far in this %s (pid %d)", e, self.num_bad, where, os.getpid())
             return None
 
 

@@ -93,6 +93,8 @@ def resolve_resume_path(resume: Optional[str], output_dir: str) -> Optional[str]
     reports = du.all_gather_object((ok, socket.gethostname(), du.get_rank(), err))
     bad = [r for r in reports if not r[0]]
     if bad:
+        if len(reports) == 1:
+            raise ResumeError(f"cannot resume from {path}: {bad[0][3]}")
         lines = "; ".join(f"rank {rank} on host {host}: {err}" for _, host, rank, err in bad)
         raise ResumeError(f"cannot resume from {path}: not readable by every rank ({lines}). Resume needs the "
                           "checkpoint on a filesystem every node sees (or copy it to the same path on each node).")

@@ -686,6 +686,11 @@ class Trainer:
             exit_after_epochs: stop after this many epochs of this run (for time-limited jobs); resume later.
         """
         steps = self.steps_per_epoch or len(loader)
+        if self.start_epoch >= epochs:
+            print0(f"all {epochs} epochs are done: nothing to train (to train longer, raise schedular.epochs and "
+                   "resume with --resume_changes apply)")
+            self.log.close()
+            return True
         print0(f"Start training: epochs {self.start_epoch}..{epochs - 1}"
                + (f" (epoch {self.start_epoch} from step {self.start_step})" if self.start_step else "")
                + f", {steps} steps per epoch, world size {du.get_world_size()}, precision {self.opts.precision}")

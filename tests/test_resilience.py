@@ -239,12 +239,16 @@ def test_new_run_refuses_a_used_folder_unless_overwrite(one_epoch, tmp_path):
     assert [x["epoch"] for x in lines] == [0]  # the old run's log is gone, not mixed in
 
 
-def test_resume_path_unreadable_names_host_and_path(tmp_path):
-    from engine.resume import resolve_resume_path
+def test_resume_path_unreadable_names_the_path_and_the_error(tmp_path, monkeypatch):
+    """One process: the path and the OS error. Several ranks: also each failing rank and its host."""
+    import engine.resume as resume
 
     missing = str(tmp_path / "nowhere" / "checkpoint_03.pth")
-    with pytest.raises(ResumeError, match="on host .*nowhere/checkpoint_03.pth|nowhere/checkpoint_03.pth.*host"):
-        resolve_resume_path(missing, str(tmp_path))
+    with pytest.raises(ResumeError, match=r"cannot resume from .*nowhere/checkpoint_03.pth: \[Errno 2\] No such file"):
+        resume.resolve_resume_path(missing, str(tmp_path))
+    monkeypatch.setattr(resume.du, "all_gather_object", lambda obj: [obj, (False, "node7", 1, "no such file")])
+    with pytest.raises(ResumeError, match=r"not readable by every rank \(.*rank 1 on host node7: no such file\)"):
+        resume.resolve_resume_path(missing, str(tmp_path))
 
 
 def test_queue_must_be_a_multiple_of_the_global_batch(tmp_path, tiny_world):
