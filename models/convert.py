@@ -85,8 +85,9 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Ten
         if k in expected and expected[k].shape != v.shape:
             hint = ""
             if k in ("image_queue", "text_queue"):  # [embed_dim, queue_size]
-                which = [name for name, a, b in zip(("embed_dim", "queue_size"), v.shape, expected[k].shape) if a != b]
-                hint = f" (set {' and '.join(which)} to the checkpoint's: {tuple(v.shape)})"
+                which = [f"{name}: {a}" for name, a, b in zip(("embed_dim", "queue_size"), v.shape, expected[k].shape)
+                         if a != b]
+                hint = f" (set {' and '.join(which)}, the checkpoint's)"
             elif k == "idx_queue":
                 hint = " (set queue_size to the checkpoint's)"
             raise ValueError(f"{name}: {k} has shape {tuple(v.shape)}, the {target} model expects "

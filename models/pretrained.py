@@ -94,8 +94,9 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         if "Weights only load failed" in str(e) and "GLOBAL" in str(e):  # a pickle with objects, not a torn file
             raise ValueError(f"{path}: the checkpoint holds Python objects besides tensors; only plain tensor "
                              "checkpoints are loaded (weights_only) for safety") from e
+        detail = (str(e).splitlines() or [""])[0][:200]
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another format): "
-                         f"{str(e).splitlines()[0][:200]}") from e
+                         f"{type(e).__name__}: {detail}") from e
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -297,7 +297,7 @@ def test_checkpoint_flag_messages(tmp_path, tiny_world, one_epoch):
     (tmp_path / "junk.pth").write_bytes(os.urandom(4000))
     with pytest.raises(ValueError, match="junk.pth: not a readable PyTorch checkpoint"):
         _in_process(config, tmp_path / "b", "--checkpoint", str(tmp_path / "junk.pth"))
-    with pytest.raises(ValueError, match=r"image_queue has shape \(32, 64\).*set embed_dim to the checkpoint's"):
+    with pytest.raises(ValueError, match=r"image_queue has shape \(32, 64\).*\(set embed_dim: 32, the checkpoint.s\)"):
         _in_process(config, tmp_path / "c", "--checkpoint", str(one_epoch[1] / "checkpoint_00.pth"),
                     "--options", "embed_dim=64")
 

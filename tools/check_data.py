@@ -225,7 +225,9 @@ def main(argv=None) -> int:
     print(f"bad captions: {summary['bad_captions']}")
     print(f"bad records: {summary['bad_records']} (written to {os.path.abspath(args.out)})")
     for rec in bad[:10]:
-        print(f"  {rec['file']}[{rec['index']}]: {rec['reason']}" + (f" ({rec['image']})" if rec["image"] else ""))
+        where = rec["file"] if rec["index"] is None else f"{rec['file']}[{rec['index']}]"
+        print(f"  {where}: {rec['reason']}" + (f" ({rec['image']})" if rec["image"] else "")
+              + (f": {rec['detail']}" if rec["index"] is None and rec.get("detail") else ""))
     if summary["bad_images_by_reason"].get("missing") == summary["images_checked"] > 0:
         print(f"every image is missing: check image_root ({describe_roots(files, image_root)})")
     return 1 if bad else 0
