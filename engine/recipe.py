@@ -232,8 +232,8 @@ def run_cli(main) -> None:
 
     from dataset.images import MissingDataError
     from engine.resume import OutputDirError, ResumeError
-    from models.pretrained import MissingWeightsError
     from engine.trainer import EXIT_PREEMPTED, Preempted
+    from models.pretrained import MissingWeightsError
     from utils import distributed as du
 
     try:
