@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
 
-from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, BadImagePolicy,  # noqa: F401
+from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, BadImagePolicy, DataError,  # noqa: F401
                             ImageLoader, MissingDataError, describe_roots, load_first_readable, require_images)
 from dataset.text import pre_caption
 
@@ -35,15 +35,15 @@ def load_json_list(path: str, required: Sequence[str]) -> List[Dict[str, Any]]:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+            raise DataError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: record {i} is not an object")
+            raise DataError(f"{path}: record {i} is not an object")
         missing = [k for k in required if k not in rec]
         if missing:
-            raise ValueError(f"{path}: record {i} lacks key(s) {missing}: {json.dumps(rec)[:200]}")
+            raise DataError(f"{path}: record {i} lacks key(s) {missing}: {json.dumps(rec)[:200]}")
     return data
 
 
@@ -70,11 +70,11 @@ class PretrainDataset(BadImagePolicy, Dataset):
                 texts = caption if isinstance(caption, list) else [caption]
                 if (not isinstance(caption, (str, list)) or not texts
                         or not all(isinstance(t, str) and t.strip() for t in texts)):
-                    raise ValueError(f"{f}: record {i}: caption must be a non-empty string or a "
+                    raise DataError(f"{f}: record {i}: caption must be a non-empty string or a "
                                      f"non-empty list of them: {json.dumps(rec)[:200]}")
                 self.records.append({"image": resolve_image(rec["image"], image_root, f), "caption": caption})
         if not self.records:
-            raise ValueError(f"no records in {list(ann_files)}")
+            raise DataError(f"no records in {list(ann_files)}")
         self.transform = transform
         self.max_words = max_words
         self.load = ImageLoader(on_bad_image, max_image_pixels)

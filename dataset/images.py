@@ -258,6 +258,10 @@ class BadImagePolicy:
         return self
 
 
+class DataError(ValueError):
+    """A data file or one of its records is malformed (the message names the file and the record)."""
+
+
 class MissingDataError(FileNotFoundError):
     """An annotation file, or images of an evaluation set, do not exist (the message names them, their records and
     the roots searched)."""

@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from torch.utils.data import Dataset
 
 from dataset.caption_dataset import load_json_list, resolve_image
-from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, ImageLoader, describe_roots, load_first_readable
+from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, DataError, ImageLoader, describe_roots,
+                            load_first_readable)
 from dataset.shards import ShardSample
 from dataset.text import pre_caption
 
@@ -26,7 +27,7 @@ def record_fields(rec: Dict[str, Any], max_words: int, where: str) -> Dict[str, 
     """``{'caption' (the sentence, cleaned), 'label'}`` of a record; ``ValueError`` (prefixed ``where``) for an
     unknown label."""
     if rec["label"] not in _LABELS:
-        raise ValueError(f"{where} has label {rec['label']!r}; expected 'True' or 'False'")
+        raise DataError(f"{where} has label {rec['label']!r}; expected 'True' or 'False'")
     return {"caption": pre_caption(rec["sentence"], max_words), "label": _LABELS[rec["label"]]}
 
 
@@ -35,7 +36,7 @@ def image_paths(rec: Dict[str, Any], image_root: Optional[str], ann_file: str, w
     two."""
     images = rec["images"]
     if not isinstance(images, list) or len(images) != 2:
-        raise ValueError(f"{where}: 'images' must be a list of two paths, got {images!r}")
+        raise DataError(f"{where}: 'images' must be a list of two paths, got {images!r}")
     return [resolve_image(p, image_root, ann_file) for p in images]
 
 
@@ -57,7 +58,7 @@ class NLVRDataset(BadImagePolicy, Dataset):
                 paths = image_paths(rec, image_root, f, where)
                 self.records.append({"images": paths, **record_fields(rec, max_words, where)})
         if not self.records:
-            raise ValueError(f"no records in {list(ann_files)}")
+            raise DataError(f"no records in {list(ann_files)}")
         self.transform = transform
         self.load = ImageLoader(on_bad_image, max_image_pixels)
         self.where = f"annotation files {list(ann_files)}; {describe_roots(ann_files, image_root)}"

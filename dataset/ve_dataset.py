@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional
 from torch.utils.data import Dataset
 
 from dataset.caption_dataset import load_json_list, resolve_image
-from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, ImageLoader, describe_roots, load_first_readable
+from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, DataError, ImageLoader, describe_roots,
+                            load_first_readable)
 from dataset.shards import ShardSample
 from dataset.text import pre_caption
 
@@ -25,7 +26,7 @@ def record_fields(rec: Dict[str, Any], max_words: int, where: str) -> Dict[str, 
     """``{'caption' (the hypothesis, cleaned), 'label'}`` of a record; ``ValueError`` (prefixed ``where``) for an
     unknown label."""
     if rec["label"] not in VE_LABELS:
-        raise ValueError(f"{where} has label {rec['label']!r}; expected one of {sorted(VE_LABELS)}")
+        raise DataError(f"{where} has label {rec['label']!r}; expected one of {sorted(VE_LABELS)}")
     return {"caption": pre_caption(rec["sentence"], max_words), "label": VE_LABELS[rec["label"]]}
 
 
@@ -47,7 +48,7 @@ class VEDataset(BadImagePolicy, Dataset):
             fields = record_fields(rec, max_words, f"{ann_file}: record {i}")
             self.records.append({"image": image_paths(rec, image_root, ann_file)[0], **fields})
         if not self.records:
-            raise ValueError(f"{ann_file}: no records")
+            raise DataError(f"{ann_file}: no records")
         self.transform = transform
         self.load = ImageLoader(on_bad_image, max_image_pixels)
         self.where = f"annotation file {ann_file}; {describe_roots([ann_file], image_root)}"

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.caption_dataset import load_json_list, resolve_image
-from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, ImageLoader, describe_roots, load_first_readable
+from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, DataError, ImageLoader, describe_roots,
+                            load_first_readable)
 from dataset.shards import ShardSample
 from dataset.text import pre_question
 
@@ -33,7 +34,7 @@ def record_kind(rec: Dict[str, Any], where: str) -> str:
     """``'vqa'`` or ``'vg'``: the record's ``dataset`` (default ``'vqa'``); ``ValueError`` for anything else."""
     kind = rec.get("dataset", "vqa")
     if kind not in ("vqa", "vg"):
-        raise ValueError(f"{where} has dataset {kind!r}; expected 'vqa' or 'vg'")
+        raise DataError(f"{where} has dataset {kind!r}; expected 'vqa' or 'vg'")
     return kind
 
 
@@ -41,10 +42,10 @@ def answer_weights(answer, kind: str, where: str):
     """``(answers, weights)``: each distinct VQA answer with ``count / number of answers``; a VG answer with 0.5."""
     if kind == "vg":
         if not isinstance(answer, str):
-            raise ValueError(f"{where}: a 'vg' answer must be a string, got {answer!r}")
+            raise DataError(f"{where}: a 'vg' answer must be a string, got {answer!r}")
         return [answer], [0.5]
     if not isinstance(answer, list) or not answer:
-        raise ValueError(f"{where}: a 'vqa' answer must be a non-empty list, got {answer!r}")
+        raise DataError(f"{where}: a 'vqa' answer must be a non-empty list, got {answer!r}")
     counts = Counter(answer)
     return list(counts), [c / len(answer) for c in counts.values()]
 
@@ -93,7 +94,7 @@ class VQADataset(BadImagePolicy, Dataset):
                 path = image_paths(rec, vqa_root, vg_root, f, where)[0]
                 self.records.append({"image": path, **record_fields(rec, split, max_ques_words, where)})
         if not self.records:
-            raise ValueError(f"no records in {list(ann_files)}")
+            raise DataError(f"no records in {list(ann_files)}")
         self.transform = transform
         self.load = ImageLoader(on_bad_image, max_image_pixels)
         self.where = (f"annotation files {list(ann_files)}; vqa_root: {describe_roots(ann_files, vqa_root)}; "

@@ -225,12 +225,12 @@ def setup_run(cls, args: argparse.Namespace):
 
 
 def run_cli(main) -> None:
-    """Run a script's ``main()``. A config or resume error, missing weights or missing evaluation images print one
-    line naming the file and key and exit with 2; a stop signal (SIGTERM / SIGUSR1) exits with ``EXIT_PREEMPTED``
-    (75) once its checkpoint is written."""
+    """Run a script's ``main()``. A config or resume error, a malformed data file or record, missing weights, data
+    files or evaluation images print one line naming the file and key (or record) and exit with 2; a stop signal
+    (SIGTERM / SIGUSR1) exits with ``EXIT_PREEMPTED`` (75) once its checkpoint is written."""
     import sys
 
-    from dataset.images import MissingDataError
+    from dataset.images import DataError, MissingDataError
     from engine.resume import OutputDirError, ResumeError
     from engine.trainer import EXIT_PREEMPTED, Preempted
     from models.pretrained import MissingWeightsError
@@ -247,6 +247,10 @@ def run_cli(main) -> None:
         sys.exit(2)
     except (MissingWeightsError, MissingDataError) as e:
         print(f"missing file: {e}", file=sys.stderr)
+        du.cleanup()
+        sys.exit(2)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         du.cleanup()
         sys.exit(2)
     except Preempted:

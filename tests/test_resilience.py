@@ -312,6 +312,17 @@ def test_empty_captions_are_record_errors(tmp_path, tiny_world, caption):
         PretrainDataset(str(tmp_path / "a.json"), None)
 
 
+def test_a_malformed_record_ends_the_script_with_one_line(tmp_path, tiny_world):
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "x.jpg", "caption": "fine"}, {"image": "y.jpg"}]))
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None,
+                               train_file=[str(tmp_path / "a.json")])
+    res = subprocess.run([sys.executable, "Pretrain.py", "--config", config, "--output_dir", str(tmp_path / "out"),
+                          "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"data error: {tmp_path / 'a.json'}: record 1 lacks key(s) ['caption']: " + '{"image": "y.jpg"}']
+
+
 def test_mostly_unreadable_images_stop_the_run_naming_image_root(tmp_path, tiny_world):
     records = json.loads((tiny_world / "pretrain.json").read_text())
     records = [dict(r, image=str(tiny_world / r["image"]) if i % 8 == 0 else "missing/" + r["image"])
