@@ -33,7 +33,8 @@ from torch.utils.data import Dataset
 
 from dataset import CaptionCollator
 from dataset.caption_dataset import load_json_list, resolve_image
-from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, ImageLoader, describe_roots, load_first_readable
+from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, ImageLoader, MissingDataError, describe_roots,
+                            load_first_readable)
 from dataset.shards import ShardSample, image_index
 from dataset.text import pre_caption
 
@@ -170,7 +171,7 @@ class Refer:
     def _load(self, refs_file: str, instances_file: str, hint: str) -> None:
         for path in (refs_file, instances_file):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"REFER file {path} does not exist ({hint})")
+                raise MissingDataError(f"REFER file {path} does not exist ({hint})")
         self.refs_file, self.instances_file = refs_file, instances_file
         instances = self._read_instances(instances_file)
         self.imgs: Dict[int, Dict[str, Any]] = {}
@@ -273,7 +274,7 @@ def load_dets(path: str, config_key: str = "det_file") -> Dict[str, List[List[fl
     """The proposals file: ``{str(image_id): [[x, y, w, h, ...], ...]}`` with every box checked (four finite
     numbers first, ``w, h > 0``); extra fields (scores, classes) are kept. An image may have no proposals."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"proposals file {path} does not exist (config key {config_key})")
+        raise MissingDataError(f"proposals file {path} does not exist (config key {config_key})")
     with open(path) as f:
         try:
             data = json.load(f)

@@ -201,6 +201,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def check_output_dir(args: argparse.Namespace) -> None:
+    """``--output_dir`` must be a folder (or not exist yet). ``--evaluate`` needs ``--checkpoint`` (else the model
+    would be random) and refuses a folder that holds a training run's checkpoints: it would overwrite that run's
+    ``config.yaml``, ``log.txt`` and result files."""
+    from engine import checkpoint as ckpt
+    from engine.resume import OutputDirError
+
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise OutputDirError(f"--output_dir {args.output_dir} is a file, not a folder")
+    if not getattr(args, "evaluate", False):
+        return
+    if not getattr(args, "checkpoint", None):
+        raise ConfigError("--evaluate needs --checkpoint, the model to evaluate (without it the weights are random)")
+    existing = ckpt.run_checkpoints(args.output_dir) if os.path.isdir(args.output_dir) else []
+    if existing:
+        raise OutputDirError(f"{args.output_dir} holds a training run ({os.path.basename(existing[-1])}, ...): "
+                             "--evaluate would overwrite its config.yaml, log.txt and results; evaluate into another "
+                             "--output_dir")
+
+
 def setup_run(cls, args: argparse.Namespace):
     """Config (validated, overrides applied) -> process group -> seed -> output folder with the resolved
     ``config.yaml`` -> tokenizer. Returns ``(cfg, device, tokenizer)``; config errors surface before any process
@@ -210,6 +230,7 @@ def setup_run(cls, args: argparse.Namespace):
     from utils.config import load_config, save_config
 
     cfg = load_config(cls, args.config, overrides_of(args))
+    check_output_dir(args)
     info = du.init_distributed(args.device, timeout_minutes=getattr(cfg, "dist_timeout_minutes", 30.0))
     set_seed(args.seed)  # the same on every rank: freshly initialised weights (e.g. task heads) agree across ranks
     os.makedirs(args.output_dir, exist_ok=True)
@@ -226,13 +247,15 @@ def setup_run(cls, args: argparse.Namespace):
 
 def run_cli(main) -> None:
     """Run a script's ``main()``. A config or resume error, a malformed data file or record, missing weights, data
-    files or evaluation images print one line naming the file and key (or record) and exit with 2; a stop signal
-    (SIGTERM / SIGUSR1) exits with ``EXIT_PREEMPTED`` (75) once its checkpoint is written."""
+    files or evaluation images, or a checkpoint that does not fit the model print one line naming the file and key
+    (or record) and exit with 2; a stop signal (SIGTERM / SIGUSR1) exits with ``EXIT_PREEMPTED`` (75) once its
+    checkpoint is written."""
     import sys
 
     from dataset.images import DataError, MissingDataError
     from engine.resume import OutputDirError, ResumeError
     from engine.trainer import EXIT_PREEMPTED, Preempted
+    from models.layouts import LayoutError
     from models.pretrained import MissingWeightsError
     from utils import distributed as du
 
@@ -251,6 +274,10 @@ def run_cli(main) -> None:
         sys.exit(2)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
+        du.cleanup()
+        sys.exit(2)
+    except LayoutError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
         du.cleanup()
         sys.exit(2)
     except Preempted:

@@ -15,7 +15,7 @@ from typing import Dict, Union
 import torch
 from torch import nn
 
-from models.layouts import FRESH_KEYS, detect_layout, map_layout
+from models.layouts import FRESH_KEYS, LayoutError, detect_layout, map_layout
 from models.pretrained import load_state_dict_file
 from models.vit import interpolate_pos_embed
 
@@ -76,7 +76,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Ten
         sd, dropped = map_layout(sd, source, target, fusion_layer=model.cfg.bert.fusion_layer,
                                  distill=has_momentum)
     except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
+        raise LayoutError(f"{name}: {e}") from None
     if not has_momentum:  # e.g. a retrieval/pretrain checkpoint into a distill=False model that has no copies
         dropped += [k for k in sd if _is_momentum_key(k)]
         sd = {k: v for k, v in sd.items() if not _is_momentum_key(k)}
@@ -90,7 +90,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Ten
                 hint = f" (set {' and '.join(which)}, the checkpoint's)"
             elif k == "idx_queue":
                 hint = " (set queue_size to the checkpoint's)"
-            raise ValueError(f"{name}: {k} has shape {tuple(v.shape)}, the {target} model expects "
+            raise LayoutError(f"{name}: {k} has shape {tuple(v.shape)}, the {target} model expects "
                              f"{tuple(expected[k].shape)}{hint}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
 

@@ -30,6 +30,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 
+class LayoutError(ValueError):
+    """A checkpoint that cannot be loaded into the model: another task's layout, or other sizes (the message says
+    which keys and what to set)."""
+
+
 StateDict = Dict[str, torch.Tensor]
 Mapping = Tuple[StateDict, List[str]]
 
@@ -350,10 +355,11 @@ def map_layout(sd: StateDict, source: str, target: str, fusion_layer: Optional[i
         return out, dropped
     fn = TRANSITIONS.get((source, target))
     if fn is None:
-        hint = {"nlvr": ": NLVR2 starts from a text-assignment checkpoint (convert the pre-trained one with "
-                        "--to nlvr_ta and run text-assignment pre-training first, as the paper)"}.get(target, "")
+        hint = {"nlvr": ": NLVR2 starts from a text-assignment checkpoint: run the text-assignment pre-training "
+                        "(Pretrain_nlvr.py --checkpoint <the pre-trained one>) first, as the paper, and pass its "
+                        "checkpoint to NLVR.py"}.get(target, "")
         sources = sorted(s for s, t in TRANSITIONS if t == target) + [target]
-        raise ValueError(f"cannot map a {source} checkpoint to the {target} layout (a {target} model loads "
+        raise LayoutError(f"cannot map a {source} checkpoint to the {target} layout (a {target} model loads "
                          f"{' or '.join(sources)} checkpoints){hint}")
     if fusion_layer is None and source == "pretrain":
         fusion_layer = infer_fusion_layer({k: v for k, v in sd.items() if k.startswith("text_encoder.")})

@@ -87,7 +87,7 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
 
         return load_file(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+        raise MissingWeightsError(f"checkpoint file {path} does not exist")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

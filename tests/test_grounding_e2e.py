@@ -111,7 +111,8 @@ def test_bad_input_messages(tmp_path, tiny_world, grounding_set, pretrained):
     with pytest.raises(ConfigError, match="block_num 1: gradcam_mode itm needs a fusion layer"):
         _run(config, tmp_path / "o1", "--evaluate", "--checkpoint", str(pretrained))
     with pytest.raises(ConfigError, match="block_num 5: gradcam_mode itc needs a ViT block, 0..1"):
-        _run(config, tmp_path / "o2", "--evaluate", "--gradcam_mode", "itc", "--block_num", "5")
+        _run(config, tmp_path / "o2", "--evaluate", "--checkpoint", str(pretrained), "--gradcam_mode", "itc",
+             "--block_num", "5")
     config = _config(tmp_path / "g2.yaml", tiny_world, grounding_set, refcoco_data=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"refs\(unc\)\.p.*refcoco_data|refcoco_data.*refs\(unc\)\.p"):
         _run(config, tmp_path / "o3", "--evaluate", "--checkpoint", str(pretrained))

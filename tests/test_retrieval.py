@@ -269,3 +269,50 @@ def test_convert_checkpoint_tool(tmp_path):
     assert (sd["idx_queue"] == -100).all()
     with pytest.raises(SystemExit, match="cannot map a retrieval checkpoint"):
         convert_main([str(tmp_path / "ret.pth"), str(tmp_path / "x.pth"), "--to", "pretrain"])
+
+
+def test_evaluate_needs_a_checkpoint_and_its_own_folder(tmp_path, tiny_world, pretrained):
+    """--evaluate without --checkpoint would score random weights; into a training run's folder it would overwrite
+    that run's config.yaml, log.txt and results; an --output_dir that is a file is named as such."""
+    import shutil
+
+    from engine.resume import OutputDirError
+    from utils.config import ConfigError
+
+    config = _retrieval_config(tmp_path / "r.yaml", tiny_world)
+
+    def run(out, *extra):
+        return Retrieval.main(["--config", config, "--output_dir", str(out), "--device", "cpu", *extra])
+
+    with pytest.raises(ConfigError, match="--evaluate needs --checkpoint"):
+        run(tmp_path / "a", "--evaluate")
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    shutil.copy(pretrained, trained / "checkpoint_00.pth")
+    (trained / "log.txt").write_text("{}\n")
+    with pytest.raises(OutputDirError, match="holds a training run .*evaluate into another --output_dir"):
+        run(trained, "--evaluate", "--checkpoint", str(pretrained))
+    assert (trained / "log.txt").read_text() == "{}\n" and not (trained / "config.yaml").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputDirError, match="afile is a file, not a folder"):
+        run(tmp_path / "afile", "--evaluate", "--checkpoint", str(pretrained))
+
+
+@pytest.mark.parametrize("error,prefix", [("config", "config error"), ("weights", "missing file"),
+                                          ("data", "data error"), ("layout", "checkpoint error")])
+def test_run_cli_prints_one_line_and_exits_2(error, prefix, capsys):
+    from dataset.images import DataError
+    from engine.recipe import run_cli
+    from models.layouts import LayoutError
+    from models.pretrained import MissingWeightsError
+    from utils.config import ConfigError
+
+    cls = {"config": ConfigError, "weights": MissingWeightsError, "data": DataError, "layout": LayoutError}[error]
+
+    def main():
+        raise cls("what went wrong, naming the file")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"{prefix}: what went wrong, naming the file\n"
