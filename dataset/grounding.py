@@ -33,8 +33,8 @@ from torch.utils.data import Dataset
 
 from dataset import CaptionCollator
 from dataset.caption_dataset import load_json_list, resolve_image
-from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, ImageLoader, MissingDataError, describe_roots,
-                            load_first_readable)
+from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImagePolicy, DataError, ImageLoader, MissingDataError,
+                            describe_roots, load_first_readable)
 from dataset.shards import ShardSample, image_index
 from dataset.text import pre_caption
 
@@ -49,7 +49,7 @@ PLAIN_TYPES = (dict, list, tuple, str, bytes, int, float, bool, type(None), set,
 _PLAIN_WORDS = "plain containers and numbers (dict, list, tuple, str, bytes, int, float, bool, None)"
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(DataError):
     """A pickle that needs something other than plain containers and numbers (a global, a persistent id, ...)."""
 
 
@@ -112,7 +112,7 @@ def safe_load_pickle(path: str) -> Any:
             if encoding == "latin1":
                 raise
         except Exception as e:  # UnpicklingError, EOFError, ValueError (unknown extension code), ...
-            raise ValueError(f"{path}: not a valid pickle ({type(e).__name__}: {e})") from e
+            raise DataError(f"{path}: not a valid pickle ({type(e).__name__}: {e})") from e
     _check_plain(obj, path)
     return obj
 
@@ -178,47 +178,47 @@ class Refer:
         for i, img in enumerate(instances["images"]):
             where = f"{instances_file}: images[{i}]"
             if not isinstance(img, dict) or not _is_int(img.get("id")):
-                raise ValueError(f"{where}: needs an int 'id': {_short(img)}")
+                raise DataError(f"{where}: needs an int 'id': {_short(img)}")
             if not (_is_int(img.get("height")) and _is_int(img.get("width")) and img["height"] > 0
                     and img["width"] > 0):
-                raise ValueError(f"{where}: 'height' and 'width' must be positive ints: {_short(img)}")
+                raise DataError(f"{where}: 'height' and 'width' must be positive ints: {_short(img)}")
             if img["id"] in self.imgs:
-                raise ValueError(f"{where}: duplicate image id {img['id']}")
+                raise DataError(f"{where}: duplicate image id {img['id']}")
             self.imgs[img["id"]] = img
         self.anns: Dict[int, Dict[str, Any]] = {}
         for i, ann in enumerate(instances["annotations"]):
             where = f"{instances_file}: annotations[{i}]"
             if not isinstance(ann, dict) or not _is_int(ann.get("id")) or not _is_int(ann.get("image_id")):
-                raise ValueError(f"{where}: needs int 'id' and 'image_id': {_short(ann)}")
+                raise DataError(f"{where}: needs int 'id' and 'image_id': {_short(ann)}")
             if not _check_box(ann.get("bbox"), positive=False):
-                raise ValueError(f"{where}: 'bbox' must be [x, y, w, h] with w, h >= 0: {_short(ann)}")
+                raise DataError(f"{where}: 'bbox' must be [x, y, w, h] with w, h >= 0: {_short(ann)}")
             if ann["image_id"] not in self.imgs:
-                raise ValueError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+                raise DataError(f"{where}: image_id {ann['image_id']} is not in 'images'")
             if ann["id"] in self.anns:
-                raise ValueError(f"{where}: duplicate annotation id {ann['id']}")
+                raise DataError(f"{where}: duplicate annotation id {ann['id']}")
             self.anns[ann["id"]] = ann
 
         refs = safe_load_pickle(refs_file)
         if not isinstance(refs, list):
-            raise ValueError(f"{refs_file}: expected a list of refs, got {type(refs).__name__}")
+            raise DataError(f"{refs_file}: expected a list of refs, got {type(refs).__name__}")
         self.refs: Dict[int, Dict[str, Any]] = {}
         for i, ref in enumerate(refs):
             where = f"{refs_file}: ref {i}"
             if not isinstance(ref, dict):
-                raise ValueError(f"{where} is not a dict: {_short(ref)}")
+                raise DataError(f"{where} is not a dict: {_short(ref)}")
             for key in ("ref_id", "ann_id", "image_id"):
                 if not _is_int(ref.get(key)):
-                    raise ValueError(f"{where}: key {key!r} must be an int: {_short(ref)}")
+                    raise DataError(f"{where}: key {key!r} must be an int: {_short(ref)}")
             if not isinstance(ref.get("split"), str):
-                raise ValueError(f"{where}: key 'split' must be a str: {_short(ref)}")
+                raise DataError(f"{where}: key 'split' must be a str: {_short(ref)}")
             ann = self.anns.get(ref["ann_id"])
             if ann is None:
-                raise ValueError(f"{where}: ann_id {ref['ann_id']} is not an annotation of {instances_file}")
+                raise DataError(f"{where}: ann_id {ref['ann_id']} is not an annotation of {instances_file}")
             if ann["image_id"] != ref["image_id"]:
-                raise ValueError(f"{where}: image_id {ref['image_id']} differs from its annotation's "
+                raise DataError(f"{where}: image_id {ref['image_id']} differs from its annotation's "
                                  f"({ann['image_id']} in {instances_file})")
             if ref["ref_id"] in self.refs:
-                raise ValueError(f"{where}: duplicate ref_id {ref['ref_id']}")
+                raise DataError(f"{where}: duplicate ref_id {ref['ref_id']}")
             self.refs[ref["ref_id"]] = ref
 
     @staticmethod
@@ -227,13 +227,13 @@ class Refer:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
+                raise DataError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a COCO object with 'images' and 'annotations', "
+            raise DataError(f"{path}: expected a COCO object with 'images' and 'annotations', "
                              f"got {type(data).__name__}")
         for key in ("images", "annotations"):
             if not isinstance(data.get(key), list):
-                raise ValueError(f"{path}: key {key!r} must be a list")
+                raise DataError(f"{path}: key {key!r} must be a list")
         return data
 
     def _ref(self, ref_id: int) -> Dict[str, Any]:
@@ -279,17 +279,17 @@ def load_dets(path: str, config_key: str = "det_file") -> Dict[str, List[List[fl
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} ({config_key}): not valid JSON ({e})") from e
+            raise DataError(f"{path} ({config_key}): not valid JSON ({e})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} ({config_key}): expected {{str(image_id): [[x, y, w, h, ...], ...]}}, "
+        raise DataError(f"{path} ({config_key}): expected {{str(image_id): [[x, y, w, h, ...], ...]}}, "
                          f"got {type(data).__name__}")
     dets: Dict[str, List[List[float]]] = {}
     for key, boxes in data.items():
         if not isinstance(boxes, list):
-            raise ValueError(f"{path} ({config_key}): image {key!r}: expected a list of boxes, got {_short(boxes)}")
+            raise DataError(f"{path} ({config_key}): image {key!r}: expected a list of boxes, got {_short(boxes)}")
         for j, box in enumerate(boxes):
             if not _check_box(box):
-                raise ValueError(f"{path} ({config_key}): image {key!r}: proposal {j} must be [x, y, w, h, ...] "
+                raise DataError(f"{path} ({config_key}): image {key!r}: proposal {j} must be [x, y, w, h, ...] "
                                  f"with finite numbers and w, h > 0, got {_short(box)}")
         dets[key] = [[float(v) for v in box] for box in boxes]
     return dets
@@ -301,7 +301,7 @@ def check_dets_cover(dets: Dict[str, List[List[float]]], refer: Refer, ref_ids: 
     for ref_id in ref_ids:
         image_id = refer.image_id(ref_id)
         if not dets.get(str(image_id)):
-            raise ValueError(f"{det_file} (det_file) has no proposals for image {image_id} (ref_id {ref_id})")
+            raise DataError(f"{det_file} (det_file) has no proposals for image {image_id} (ref_id {ref_id})")
 
 
 # ------------------------------------------------------------------------------------------------ data set
@@ -316,11 +316,11 @@ def record_fields(rec: Dict[str, Any], mode: str, max_words: int, where: str) ->
     """A record's sample fields but the image and ``idx``: ``{'caption'}`` (train), ``{'caption', 'ref_id'}``
     (eval); ``ValueError`` (prefixed ``where``) for a malformed record."""
     if not isinstance(rec["image"], str) or not rec["image"]:
-        raise ValueError(f"{where}: 'image' must be a non-empty path: {json.dumps(rec)[:200]}")
+        raise DataError(f"{where}: 'image' must be a non-empty path: {json.dumps(rec)[:200]}")
     if not isinstance(rec["text"], str) or not rec["text"].strip():
-        raise ValueError(f"{where}: 'text' must be a non-empty string: {json.dumps(rec)[:200]}")
+        raise DataError(f"{where}: 'text' must be a non-empty string: {json.dumps(rec)[:200]}")
     if mode == "eval" and not _is_int(rec["ref_id"]):
-        raise ValueError(f"{where}: 'ref_id' must be an int: {json.dumps(rec)[:200]}")
+        raise DataError(f"{where}: 'ref_id' must be an int: {json.dumps(rec)[:200]}")
     fields: Dict[str, Any] = {"caption": pre_caption(rec["text"], max_words)}
     if mode == "eval":
         fields["ref_id"] = rec["ref_id"]
@@ -367,7 +367,7 @@ class GroundingDataset(BadImagePolicy, Dataset):
                     out["idx"] = self.img_ids.setdefault(image_key(rec["image"]), len(self.img_ids))
                 self.records.append(out)
         if not self.records:
-            raise ValueError(f"no records in {list(ann_files)}")
+            raise DataError(f"no records in {list(ann_files)}")
         self.transform = transform
         self.max_words = max_words
         self.load = ImageLoader(on_bad_image if mode == "train" else "raise", max_image_pixels)

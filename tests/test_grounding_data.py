@@ -15,7 +15,7 @@ from PIL import Image
 from dataset.caption_dataset import RetrievalTrainDataset
 from dataset.grounding import (GroundingCollator, GroundingDataset, Refer, UnsafePickleError, check_dets_cover,
                                load_dets, safe_load_pickle)
-from dataset.images import BadImageError
+from dataset.images import BadImageError, DataError
 from dataset.synthetic import COLORS, RELATION_MARGIN, SHAPES, SIZES, render_scene
 from dataset.synthetic_grounding import generate_grounding, grounding_files, main
 
@@ -192,16 +192,16 @@ def test_refer_malformed_content_names_file_and_record(tmp_path, break_it, match
     refs, instances = json.loads(json.dumps(REFS)), json.loads(json.dumps(INSTANCES))
     break_it(refs, instances)
     root = _refer_folder(tmp_path, refs, instances)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(DataError, match=match):  # a ValueError that the scripts print in one line (exit 2)
         Refer(root)
 
 
 def test_refer_refuses_an_unsafe_refs_file(tmp_path):
     sentinel = tmp_path / "pwned"
     root = _refer_folder(tmp_path, refs=[_Evil(sentinel)])
-    with pytest.raises(UnsafePickleError, match=r"refs\(unc\)\.p"):
+    with pytest.raises(UnsafePickleError, match=r"refs\(unc\)\.p") as info:
         Refer(root)
-    assert not sentinel.exists()
+    assert not sentinel.exists() and isinstance(info.value, DataError)
 
 
 # ------------------------------------------------------------------------------------- proposals
@@ -229,7 +229,7 @@ def test_load_dets(tmp_path):
 def test_load_dets_errors_name_file_and_entry(tmp_path, content, match):
     path = tmp_path / "dets.json"
     path.write_text(json.dumps(content))
-    with pytest.raises(ValueError, match=match) as info:
+    with pytest.raises(DataError, match=match) as info:
         load_dets(str(path))
     assert str(path) in str(info.value) and "det_file" in str(info.value)
 
