@@ -29,6 +29,8 @@ GUARD = "guard"  # divergence-guard counters {"bad_steps", "consecutive_bad"}
 CHECKSUMS = "param_checksums"  # one float64 [n_params, 2] tensor (sum, sum of squares) per rank
 RUN = "run"  # {"seed", "world_size"}: what the run was launched with besides the config
 LAST_NAME = "checkpoint_last.pth"
+# what a training checkpoint of this framework holds at least (Trainer.resume reads them all)
+TRAINING_KEYS = (MODEL, OPTIMIZER, SCHEDULER, SCALER, EPOCH, STEP, RNG)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -137,8 +139,13 @@ def load_training_state(path: str) -> Dict[str, Any]:
         raise ResumeError(f"{path} is not a readable checkpoint (truncated, corrupt or another format: "
                           f"{str(e).splitlines()[0][:160]}). Resume from another one with --resume PATH, or delete "
                           "it to let --resume pick the newest readable one.") from e
-    for key in (MODEL, EPOCH):
-        if not isinstance(state, dict) or key not in state:
-            raise ValueError(f"{path} is not a training checkpoint of this framework (no {key!r} key); use "
-                             "--checkpoint to initialise weights from it instead of --resume")
+    if not isinstance(state, dict) or MODEL not in state:
+        raise ResumeError(f"{path} is not a training checkpoint of this framework (no {MODEL!r} key); use "
+                          "--checkpoint to initialise weights from it instead of --resume")
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:  # the original ALBEF's checkpoints (model, optimizer, lr_scheduler, config, epoch), checkpoint_best.pth
+        raise ResumeError(f"{path} cannot be resumed exactly: it lacks {', '.join(missing)} (a checkpoint of the "
+                          "original ALBEF code, or a weights-only file such as checkpoint_best.pth). Start a run from "
+                          f"its weights instead: --checkpoint {path} without --resume (optimizer, schedule and data "
+                          "order then start afresh).")
     return state

@@ -70,6 +70,8 @@ def base_parser(description: str, config: str, output_dir: str) -> argparse.Argu
     p.add_argument("--world_size", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dist_url", default=None, help=argparse.SUPPRESS)
     p.add_argument("--distributed", default=None, help=argparse.SUPPRESS)
+    # torch.distributed.launch without --use_env passes it (and sets LOCAL_RANK, which is what is read)
+    p.add_argument("--local-rank", "--local_rank", dest="local_rank", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -120,6 +122,7 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
     its ``ToDtype`` + ``Normalize`` steps (:func:`dataset.transforms.uint8_output`; the object is changed in
     place): the loader yields uint8 images and the trainer normalises them on the device, to the same floats.
     Returns ``(trainer, loader, sampler)``."""
+    from dataset.images import BadImagePolicy, MissingDataError
     from dataset.sampling import create_train_loader
     from engine.resume import resolve_resume_path
     from engine.trainer import Trainer, print0
@@ -150,9 +153,13 @@ def make_trainer(args: argparse.Namespace, cfg, model, dataset, batch_size: int,
                 print0(f"note: train_shards is set, so the training data are the shards; train_file "
                        f"{cfg.train_file} is not read for training")
         else:
+            if isinstance(dataset, BadImagePolicy):
+                dataset.check_image_sample()  # a wrong image_root: named now, not after every worker tried every record
             loader, sampler = create_train_loader(dataset, batch_size, cfg.num_workers, args.seed, collate_fn,
                                                   cfg.persistent_workers, cfg.prefetch_factor)
             n_samples = f"{len(dataset)} training samples"
+    except MissingDataError:
+        raise
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{args.config}: {e}") from e
     global_batch = batch_size * du.get_world_size()
@@ -221,6 +228,20 @@ def check_output_dir(args: argparse.Namespace) -> None:
                              "--output_dir")
 
 
+def check_annotation_files(cfg, training: bool) -> None:
+    """Raise :class:`dataset.images.MissingDataError` for a ``train_file`` (when training from JSON), ``val_file`` or
+    ``test_file`` that does not exist: named before the model is built, not minutes into the start-up."""
+    from dataset.caption_dataset import missing_annotation_file
+    from dataset.images import MissingDataError
+
+    keys = (("train_file",) if training and not getattr(cfg, "train_shards", None) else ()) + ("val_file", "test_file")
+    for key in keys:
+        value = getattr(cfg, key, None)
+        for path in [value] if isinstance(value, str) else list(value or []):
+            if not os.path.isfile(path):
+                raise MissingDataError(missing_annotation_file(path, key))
+
+
 def setup_run(cls, args: argparse.Namespace):
     """Config (validated, overrides applied) -> process group -> seed -> output folder with the resolved
     ``config.yaml`` -> tokenizer. Returns ``(cfg, device, tokenizer)``; config errors surface before any process
@@ -231,6 +252,7 @@ def setup_run(cls, args: argparse.Namespace):
 
     cfg = load_config(cls, args.config, overrides_of(args))
     check_output_dir(args)
+    check_annotation_files(cfg, training=not getattr(args, "evaluate", False))
     info = du.init_distributed(args.device, timeout_minutes=getattr(cfg, "dist_timeout_minutes", 30.0))
     set_seed(args.seed)  # the same on every rank: freshly initialised weights (e.g. task heads) agree across ranks
     os.makedirs(args.output_dir, exist_ok=True)
@@ -255,7 +277,7 @@ def run_cli(main) -> None:
     from dataset.images import DataError, MissingDataError
     from engine.resume import OutputDirError, ResumeError
     from engine.trainer import EXIT_PREEMPTED, Preempted
-    from models.layouts import LayoutError
+    from models.layouts import CheckpointError
     from models.pretrained import MissingWeightsError
     from utils import distributed as du
 
@@ -276,7 +298,7 @@ def run_cli(main) -> None:
         print(f"data error: {e}", file=sys.stderr)
         du.cleanup()
         sys.exit(2)
-    except LayoutError as e:
+    except CheckpointError as e:  # unreadable, another task's layout, other sizes
         print(f"checkpoint error: {e}", file=sys.stderr)
         du.cleanup()
         sys.exit(2)

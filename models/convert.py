@@ -10,12 +10,13 @@ mapping expects raises (no silent ``strict=False``). Position embeddings are res
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, Union
 
 import torch
 from torch import nn
 
-from models.layouts import FRESH_KEYS, LayoutError, detect_layout, map_layout
+from models.layouts import FRESH_KEYS, TASK_HEADS, LayoutError, detect_layout, map_layout
 from models.pretrained import load_state_dict_file
 from models.vit import interpolate_pos_embed
 
@@ -52,6 +53,39 @@ def _is_momentum_key(key: str) -> bool:
     return key.split(".")[0].endswith("_m")
 
 
+def _is_headless(sd: Dict[str, torch.Tensor], source: str, target: str, expected: Dict[str, torch.Tensor]) -> bool:
+    """``sd`` is the ``target`` model's state dict without the heads it trains from scratch (and perhaps without its
+    momentum copies): ``tools.convert_checkpoint --to ve | nlvr_ta | nlvr`` writes such files, which
+    :func:`detect_layout` takes for retrieval ones (no head to tell them by)."""
+    heads = TASK_HEADS.get(target)
+    if source != "retrieval" or not heads or not set(sd) <= set(expected):
+        return False
+    return all(k.startswith(heads) or _is_momentum_key(k) for k in set(expected) - set(sd))
+
+
+def _layer_counts(keys) -> Dict[str, int]:
+    """``{"vit.depth": ViT blocks, "text layers": BERT layers of text_encoder}`` found in ``keys``."""
+    out = {}
+    for what, pattern in (("vit.depth", r"visual_encoder\.blocks\.(\d+)\."),
+                          ("text layers", r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\.")):
+        found = [int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m]
+        if found:
+            out[what] = max(found) + 1
+    return out
+
+
+def _depth_hint(sd: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> str:
+    """What to set when the checkpoint's layer counts are not the model's."""
+    have, want = _layer_counts(sd), _layer_counts(expected)
+    hints = []
+    if have.get("vit.depth") not in (None, want.get("vit.depth")):
+        hints.append(f"the checkpoint's ViT has {have['vit.depth']} blocks (set vit.depth: {have['vit.depth']})")
+    if have.get("text layers") not in (None, want.get("text layers")):
+        hints.append(f"its text encoder has {have['text layers']} BERT layers, the model {want.get('text layers')} "
+                     "(set num_hidden_layers and fusion_layer in bert_config to the checkpoint's)")
+    return f"; {'; '.join(hints)}" if hints else ""
+
+
 def load_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Tensor]], verbose: bool = True
                     ) -> Dict[str, object]:
     """Load ``checkpoint`` (a path or a state dict, any layout the model accepts) into ``model``.
@@ -72,6 +106,9 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Ten
     source, target = detect_layout(sd), model.layout
     expected = model.state_dict()
     has_momentum = any(_is_momentum_key(k) for k in expected)
+    headless = _is_headless(sd, source, target, expected)
+    if headless:  # the target model's own keys but the heads it trains from scratch: load it as the target's
+        source = target
     try:
         sd, dropped = map_layout(sd, source, target, fusion_layer=model.cfg.bert.fusion_layer,
                                  distill=has_momentum)
@@ -97,15 +134,15 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Ten
     momentum_from_online = has_momentum and not any(_is_momentum_key(k) for k in sd)
     if momentum_from_online:
         model.copy_params()
-    fresh = FRESH_KEYS.get((source, target), ())
+    fresh = FRESH_KEYS.get((source, target), ()) + (TASK_HEADS[target] if headless else ())
     if target == "retrieval" and not any(k in sd for k in QUEUE_KEYS):
         fresh += QUEUE_KEYS  # raw fine-tuned weights without queues: fresh queues
     bad_missing = [k for k in missing if not k.startswith(fresh)
                    and not (momentum_from_online and _is_momentum_key(k))]
     if bad_missing or unexpected:
-        raise ValueError(f"{name} ({source} layout) does not fit the {target} model: missing {bad_missing[:10]}"
-                         f"{' ...' if len(bad_missing) > 10 else ''}, unexpected {list(unexpected)[:10]}"
-                         f"{' ...' if len(unexpected) > 10 else ''}")
+        raise LayoutError(f"{name} ({source} layout) does not fit the {target} model: missing {bad_missing[:10]}"
+                          f"{' ...' if len(bad_missing) > 10 else ''}, unexpected {list(unexpected)[:10]}"
+                          f"{' ...' if len(unexpected) > 10 else ''}{_depth_hint(sd, expected)}")
     report = {"source": source, "target": target, "dropped": dropped,
               "missing": [k for k in missing if not (momentum_from_online and _is_momentum_key(k))],
               "momentum_from_online": momentum_from_online}

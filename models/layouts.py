@@ -30,7 +30,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 
-class LayoutError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, or holding what the model cannot load (the message names the
+    file)."""
+
+
+class LayoutError(CheckpointError):
     """A checkpoint that cannot be loaded into the model: another task's layout, or other sizes (the message says
     which keys and what to set)."""
 
@@ -65,14 +70,14 @@ def detect_layout(sd: StateDict) -> str:
         head = sd.get("cls_head.2.weight")
         classes = None if head is None else head.shape[0]
         if classes not in (2, 3):
-            raise ValueError(f"unrecognised checkpoint layout: cls_head.2.weight should have 2 (NLVR2) or 3 (SNLI-VE) "
+            raise LayoutError(f"unrecognised checkpoint layout: cls_head.2.weight should have 2 (NLVR2) or 3 (SNLI-VE) "
                              f"rows, got {None if head is None else tuple(head.shape)}")
         return "nlvr" if classes == 2 else "ve"
     if any(k.startswith("text_encoder.bert.") for k in sd):
         return "pretrain"
     if any(k.startswith("text_encoder.encoder.layer.") for k in sd):
         return "retrieval"
-    raise ValueError("unrecognised checkpoint layout: none of text_decoder.*, ta_head.*, cls_head.*, "
+    raise LayoutError("unrecognised checkpoint layout: none of text_decoder.*, ta_head.*, cls_head.*, "
                      "text_encoder.bert.* or text_encoder.encoder.layer.* is present")
 
 
@@ -341,6 +346,11 @@ FRESH_KEYS = {
     ("pretrain", "nlvr_ta"): ("ta_head.",),
     ("nlvr_ta", "nlvr"): ("cls_head.", "cls_head_m."),
 }
+
+
+# The heads a task model trains from scratch, by layout: a state dict of that model without them (what
+# tools.convert_checkpoint writes for ve / nlvr_ta / nlvr) has no key to tell its layout by.
+TASK_HEADS = {target: heads for (_, target), heads in FRESH_KEYS.items() if target != "retrieval"}
 
 
 def map_layout(sd: StateDict, source: str, target: str, fusion_layer: Optional[int] = None,

@@ -6,13 +6,16 @@ had, one clear error names the missing weights at once (no minute of hub retries
 """
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import socket
 from typing import Dict, Iterable
 from urllib.parse import urlparse
 
 import torch
 
+from models.layouts import CheckpointError
 from models.vit import interpolate_pos_embed
 
 
@@ -80,6 +83,23 @@ def resolve_hf_path(name: str, what: str, files: Iterable[str] = ("config.json",
     return snapshot_download(name)
 
 
+def _benign_globals() -> list:
+    """Classes that checkpoints of ALBEF forks carry beside the weights and that unpickle without running code:
+    ``argparse.Namespace`` (a saved ``args``) and numpy scalars / dtypes (a saved ``best`` metric)."""
+    import numpy as np
+
+    out = [argparse.Namespace, np.dtype]
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    scalar = getattr(getattr(core, "multiarray", None), "scalar", None)
+    if scalar is not None:
+        out.append(scalar)
+    out += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return out
+
+
+_BENIGN_GLOBALS = _benign_globals()
+
+
 def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """Load a ``.safetensors`` or ``.pth/.bin`` state dict safely (``weights_only``), unwrapping ``'model'``/``'state_dict'``."""
     if path.endswith(".safetensors"):
@@ -89,14 +109,18 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise MissingWeightsError(f"checkpoint file {path} does not exist")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_BENIGN_GLOBALS):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "Weights only load failed" in str(e) and "GLOBAL" in str(e):  # a pickle with objects, not a torn file
-            raise ValueError(f"{path}: the checkpoint holds Python objects besides tensors; only plain tensor "
-                             "checkpoints are loaded (weights_only) for safety") from e
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f" (a {found.group(1)})" if found else ""
+            raise CheckpointError(f"{path}: the checkpoint holds Python objects besides tensors{what}; only "
+                                  "tensors, plain Python values, argparse.Namespace and numpy scalars are loaded "
+                                  "(weights_only) for safety: save its state dict alone") from e
         detail = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another format): "
-                         f"{type(e).__name__}: {detail}") from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another format): "
+                              f"{type(e).__name__}: {detail}") from e
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -213,3 +213,14 @@ def test_original_grounding_yaml_values():
     assert cfg.refcoco_data == "data" and cfg.det_file == "data/refcoco+/dets.json"
     assert cfg.gradcam_mode == "itm" and cfg.block_num == 8 and cfg.score_alpha == 0.5
     assert len(cfg.test_file) == 2
+
+
+@pytest.mark.parametrize("flags", [["--local-rank=0"], ["--local_rank", "1"], ["--world_size", "8", "--dist_url",
+                                                                               "env://", "--distributed", "True"]])
+def test_the_original_launch_flags_are_accepted(flags):
+    """`python -m torch.distributed.launch` without --use_env passes --local-rank (or --local_rank in older torch);
+    the original's --world_size / --dist_url / --distributed too: accepted, the environment decides."""
+    from engine.recipe import base_parser
+
+    args = base_parser("x", "c.yaml", "out").parse_args(["--config", "a.yaml"] + flags)
+    assert args.config == "a.yaml"

@@ -17,9 +17,9 @@ from models.vqa import ALBEFVQA
 LAYERS, FUSION = 4, 2
 
 
-def _cfg(image_res=16, layers=LAYERS, fusion=FUSION):
+def _cfg(image_res=16, layers=LAYERS, fusion=FUSION, vit_depth=1):
     return ALBEFConfig(image_res=image_res, vision_width=32, embed_dim=8, queue_size=8, momentum=0.9,
-                       vit=VisionConfig(patch_size=8, embed_dim=32, depth=1, num_heads=2),
+                       vit=VisionConfig(patch_size=8, embed_dim=32, depth=vit_depth, num_heads=2),
                        bert=BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                                        intermediate_size=64, fusion_layer=fusion, encoder_width=32,
                                        max_position_embeddings=40, hidden_dropout_prob=0.0,
@@ -316,6 +316,80 @@ def test_convert_tool_for_task_layouts(tmp_path, pretrained):
     assert _top(missing) == ["cls_head"] and not unexpected
     with pytest.raises(SystemExit, match="text-assignment"):
         convert_main([str(tmp_path / "pre.pth"), str(tmp_path / "x.pth"), "--to", "nlvr"])
+
+
+@pytest.mark.parametrize("to,make,head,distill", [("ve", ALBEFVE, "cls_head", True),
+                                                  ("ve", ALBEFVE, "cls_head", False),
+                                                  ("nlvr_ta", ALBEFTextAssignment, "ta_head", False),
+                                                  ("nlvr", ALBEFNLVR, "cls_head", True)])
+def test_converted_task_files_load_into_their_scripts_models(tmp_path, pretrained, to, make, head, distill):
+    """tools.convert_checkpoint leaves out the heads a task trains from scratch, so its ve / nlvr_ta / nlvr files have
+    no key that tells their layout (they look like retrieval ones): the scripts' loader takes a file that is exactly
+    its model's keys but the head as the model's own layout (it used to refuse them as 'a retrieval checkpoint')."""
+    from tools.convert_checkpoint import main as convert_main
+
+    torch.save({"model": pretrained}, tmp_path / "pre.pth")
+    source = tmp_path / "pre.pth"
+    if to == "nlvr":  # from a trained text-assignment checkpoint, as the paper
+        convert_main([str(source), str(tmp_path / "ta.pth"), "--to", "nlvr_ta"])
+        ta = torch.load(tmp_path / "ta.pth", weights_only=True)["model"]
+        ta["ta_head.weight"], ta["ta_head.bias"] = torch.zeros(3, 32), torch.zeros(3)
+        torch.save({"model": ta}, tmp_path / "ta_trained.pth")
+        source = tmp_path / "ta_trained.pth"
+    convert_main([str(source), str(tmp_path / "out.pth"), "--to", to] + ([] if distill else ["--no_momentum"]))
+    converted = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
+    assert detect_layout(converted) == "retrieval"  # nothing in the keys tells them apart
+    torch.manual_seed(1)
+    model = make(_cfg(), distill=distill) if make is not ALBEFTextAssignment else make(_cfg())
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_checkpoint(model, str(tmp_path / "out.pth"), verbose=False)
+    assert report["source"] == report["target"] == to
+    state = model.state_dict()
+    for k, v in state.items():
+        if k.startswith(head):
+            assert torch.equal(v, init[k]), k  # the head keeps its initial values
+        elif k in converted:
+            assert torch.equal(v, converted[k]), k
+    if to == "nlvr":  # no momentum weights in a TA checkpoint: copied from the loaded online ones
+        assert report["momentum_from_online"]
+    # a file of another task's head is still refused
+    if to == "ve":
+        with pytest.raises(ValueError, match="cannot map a retrieval checkpoint to the nlvr layout"):
+            load_checkpoint(ALBEFNLVR(_cfg(), distill=distill), str(tmp_path / "out.pth"), verbose=False)
+
+
+def test_checkpoints_of_other_depths_name_the_keys_to_set(pretrained):
+    from models.layouts import LayoutError
+
+    with pytest.raises(LayoutError, match=r"ViT has 1 blocks \(set vit.depth: 1\)") as info:
+        load_checkpoint(ALBEFRetrieval(_cfg(vit_depth=2)), dict(pretrained), verbose=False)
+    assert "BERT layers" not in str(info.value)
+    with pytest.raises(LayoutError, match=rf"text encoder has {LAYERS} BERT layers, the model {LAYERS + 2} \(set "
+                                          r"num_hidden_layers and fusion_layer in bert_config"):
+        load_checkpoint(ALBEFRetrieval(_cfg(layers=LAYERS + 2)), dict(pretrained), verbose=False)
+
+
+def test_checkpoint_files_with_benign_python_objects_load(tmp_path, pretrained):
+    """Forks of ALBEF save ``args`` (an argparse.Namespace) or numpy metrics beside the weights: loaded
+    (weights_only with those classes allowed); any other object is refused naming it."""
+    import argparse
+
+    import numpy as np
+
+    from models.layouts import CheckpointError
+    from models.pretrained import load_state_dict_file
+
+    torch.save({"model": pretrained, "args": argparse.Namespace(lr=1e-4, text_encoder="bert-base-uncased"),
+                "best": np.float64(0.5), "epoch": np.int64(3)}, tmp_path / "fork.pth")
+    sd = load_state_dict_file(str(tmp_path / "fork.pth"))
+    assert set(sd) == set(pretrained)
+    torch.save({"model": pretrained, "loss": F.cross_entropy}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil.pth: the checkpoint holds Python objects besides tensors "
+                                              r"\(a torch.nn.functional.cross_entropy\)"):
+        load_state_dict_file(str(tmp_path / "evil.pth"))
+    (tmp_path / "ann.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="ann.json: not a readable PyTorch checkpoint"):
+        load_state_dict_file(str(tmp_path / "ann.json"))
 
 
 # ------------------------------------------------------------------------------------------------- Grad-CAM

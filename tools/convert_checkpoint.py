@@ -8,8 +8,9 @@
 Layouts (reference §4.1): ``pretrain``, ``retrieval``, ``vqa``, ``ve``, ``nlvr_ta``, ``nlvr``. The mappings are the
 original fine-tuning scripts' key surgery (``models/layouts.py``): pre-training -> retrieval / vqa / ve / nlvr_ta,
 and nlvr_ta -> nlvr. What a mapping drops is listed. Heads a task trains from scratch (``cls_head``, ``ta_head``)
-are not in the output; neither are an NLVR2 model's momentum weights when converting from ``nlvr_ta`` (the loaders
-create those from the online weights). Pre-training -> retrieval adds ``idx_queue`` = -100, as the original's
+are not in the output (the task scripts load such a file as their own layout, the head at its initial values);
+neither are an NLVR2 model's momentum weights when converting from ``nlvr_ta`` (the loaders create those from the
+online weights). Pre-training -> retrieval adds ``idx_queue`` = -100, as the original's
 Retrieval.py does on load. ``--image_res`` resizes the position embeddings. ``--no_momentum`` drops the momentum
 weights of vqa / ve / nlvr outputs. The output is ``{'model': state_dict}`` (``--raw`` for a bare state dict) and
 loads with ``torch.load(weights_only=True)``.
