@@ -21,16 +21,22 @@ from torch.utils.data import Dataset
 from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, BadImagePolicy, DataError,  # noqa: F401
                             ImageLoader, MissingDataError, describe_roots, load_first_readable, require_images)
 from dataset.text import pre_caption
+from utils import distributed as du
 
 log = logging.getLogger(__name__)
+
+
+def missing_annotation_file(path: str, key: Optional[str] = None) -> str:
+    """The message for an annotation file that does not exist (``key``: the config key that names it)."""
+    hint = ("; the synthetic world's files are generated: `make demo` (then `make tasks-demo` / "
+            "`make grounding-demo` for the task files)") if "synthetic" in path else ""
+    return f"annotation file {path} does not exist{f' (config key {key})' if key else ''}{hint}"
 
 
 def load_json_list(path: str, required: Sequence[str]) -> List[Dict[str, Any]]:
     """Read a JSON list of records and check that each has the ``required`` keys (errors name file and index)."""
     if not os.path.isfile(path):
-        hint = ("; the synthetic world's files are generated: `make demo` (then `make tasks-demo` / "
-                "`make grounding-demo` for the task files)") if "synthetic" in path else ""
-        raise MissingDataError(f"annotation file {path} does not exist{hint}")
+        raise MissingDataError(missing_annotation_file(path))
     with open(path) as f:
         try:
             data = json.load(f)
@@ -65,14 +71,27 @@ class PretrainDataset(BadImagePolicy, Dataset):
             ann_files = [ann_files]
         self.records: List[Dict[str, Any]] = []
         for f in ann_files:
+            empty = []  # records without a non-empty caption, skipped under on_bad_image='skip'
             for i, rec in enumerate(load_json_list(f, ("image", "caption"))):
                 caption = rec["caption"]
                 texts = caption if isinstance(caption, list) else [caption]
-                if (not isinstance(caption, (str, list)) or not texts
-                        or not all(isinstance(t, str) and t.strip() for t in texts)):
-                    raise DataError(f"{f}: record {i}: caption must be a non-empty string or a "
-                                     f"non-empty list of them: {json.dumps(rec)[:200]}")
+                if not isinstance(caption, (str, list)) or not all(isinstance(t, str) for t in texts):
+                    raise DataError(f"{f}: record {i}: caption must be a string or a list of strings: "
+                                    f"{json.dumps(rec)[:200]}")
+                kept = [t for t in texts if t.strip()]
+                if len(kept) < len(texts) or not texts:
+                    if on_bad_image != "skip":
+                        raise DataError(f"{f}: record {i}: caption must be a non-empty string or a non-empty list of "
+                                        f"them (on_bad_image: skip skips such records): {json.dumps(rec)[:200]}")
+                    if not kept:
+                        empty.append(i)
+                        continue
+                    caption = kept if isinstance(caption, list) else caption
                 self.records.append({"image": resolve_image(rec["image"], image_root, f), "caption": caption})
+            if empty and du.is_main_process():  # web-scale caption files have a few (the original trained on "")
+                log.warning("%s: %d record(s) without a non-empty caption skipped (records %s%s); empty captions "
+                            "in a list are dropped", f, len(empty), ", ".join(map(str, empty[:5])),
+                            " ..." if len(empty) > 5 else "")
         if not self.records:
             raise DataError(f"no records in {list(ann_files)}")
         self.transform = transform
@@ -110,6 +129,9 @@ class RetrievalEvalDataset(Dataset):
         for i, rec in enumerate(records):
             self.images.append(resolve_image(rec["image"], image_root, ann_file))
             captions = rec["caption"] if isinstance(rec["caption"], list) else [rec["caption"]]
+            if not captions or not all(isinstance(c, str) for c in captions):  # every test image needs its texts
+                raise DataError(f"{ann_file}: record {i}: caption must be a string or a non-empty list of strings: "
+                                f"{json.dumps(rec)[:200]}")
             self.img2txt[i] = []
             for c in captions:
                 self.txt2img[len(self.text)] = i

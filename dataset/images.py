@@ -248,6 +248,22 @@ class BadImagePolicy:
         self.load = ImageLoader(on_bad_image, max_image_pixels)
         return self
 
+    def check_image_sample(self, k: int = 64):
+        """Raise :class:`MissingDataError` when none of ``k`` records spread over the data set has its image files:
+        a wrong ``image_root`` (or image paths relative to another folder) is then named at start-up, in one line,
+        instead of every loader worker trying every record of the data set before it gives up. Returns ``self``."""
+        records = getattr(self, "records", None)
+        if not records:
+            return self
+        picks = sorted({round(j * (len(records) - 1) / max(k - 1, 1)) for j in range(min(k, len(records)))})
+        paths = [p for i in picks for p in (records[i]["images"] if "images" in records[i] else [records[i]["image"]])]
+        if paths and not any(os.path.exists(p) for p in paths):
+            raise MissingDataError(f"none of the images of {len(picks)} records spread over the training data exists "
+                                   f"(e.g. {paths[0]}): {self.where or type(self).__name__}. Check image_root (and "
+                                   "that the JSON's image paths are relative to it); `python -m tools.check_data "
+                                   "--config <config>` lists every bad record")
+        return self
+
     def require_images(self):
         """Check that every record's image files exist (:func:`require_images`; for evaluation sets); returns
         ``self``. The records are ``self.records``, each with an ``image`` path or a list of ``images``."""

@@ -11,12 +11,15 @@ The config keeps the original ``schedular`` keys. Differences from the original,
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from timm.scheduler import CosineLRScheduler
+
+from utils import distributed as du
 
 
 @dataclass
@@ -57,7 +60,17 @@ def create_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, ste
     """Per-step scheduler; call ``step_update(global_step)`` after every optimizer step."""
     total = cfg.epochs * steps_per_epoch
     warmup = min(cfg.num_warmup_steps(), max(total - 1, 0))
-    return CosineLRScheduler(
-        optimizer, t_initial=max(total - warmup, 1), lr_min=cfg.min_lr, cycle_decay=cfg.decay_rate,
-        warmup_lr_init=cfg.warmup_lr, warmup_t=warmup, warmup_prefix=True, cycle_limit=1, t_in_epochs=False,
-    )
+    if warmup < cfg.num_warmup_steps() and du.is_main_process():
+        print(f"note: the warm-up ({cfg.num_warmup_steps()} steps) is longer than the run ({total} steps): the "
+              f"learning rate rises from warmup_lr to optimizer.lr over the whole run, with no cosine decay (set "
+              f"schedular.warmup_epochs or warmup_steps for a short run)", flush=True)
+    cosine_log = logging.getLogger(CosineLRScheduler.__module__)
+    level = cosine_log.level
+    cosine_log.setLevel(logging.ERROR)  # its "no effect" warning for a 1-step cosine: said above in our words
+    try:
+        return CosineLRScheduler(
+            optimizer, t_initial=max(total - warmup, 1), lr_min=cfg.min_lr, cycle_decay=cfg.decay_rate,
+            warmup_lr_init=cfg.warmup_lr, warmup_t=warmup, warmup_prefix=True, cycle_limit=1, t_in_epochs=False,
+        )
+    finally:
+        cosine_log.setLevel(level)

@@ -275,6 +275,26 @@ def test_check_data_cli(tmp_path):
     assert res.returncode == 0 and "checked 1 records" in res.stdout, res.stdout + res.stderr
 
 
+def test_check_data_reads_labels_as_the_task_data_sets(tmp_path):
+    """SNLI-VE and NLVR2 labels their data sets would refuse (the original mapped every NLVR2 label but 'True' to
+    0, so 'true' trained as False) are bad records."""
+    img = tmp_path / "img"
+    img.mkdir()
+    _jpeg(img / "1.jpg")
+    (tmp_path / "ve.json").write_text(json.dumps([{"image": "1", "sentence": "a cat", "label": "entailment"},
+                                                  {"image": "1", "sentence": "a cat", "label": "Entailment"}]))
+    (tmp_path / "nlvr.json").write_text(json.dumps([{"images": ["1.jpg", "1.jpg"], "sentence": "two", "label": "True"},
+                                                    {"images": ["1.jpg", "1.jpg"], "sentence": "two", "label": "true"}]))
+    out = tmp_path / "bad.jsonl"
+    res = _run_check("--ann", str(tmp_path / "ve.json"), "--ann", str(tmp_path / "nlvr.json"), "--image_root",
+                     str(img), "--workers", "1", "--out", str(out))
+    assert res.returncode == 1, res.stdout + res.stderr
+    bad = [(b["file"], b["index"], b["reason"]) for b in map(json.loads, out.read_text().splitlines())]
+    assert bad == [(str(tmp_path / "ve.json"), 1, "label 'Entailment'; expected one of ['contradiction', 'entailment', "
+                                                 "'neutral']"),
+                   (str(tmp_path / "nlvr.json"), 1, "label 'true'; expected 'True' or 'False'")]
+
+
 def test_evaluation_sets_require_every_image(tmp_path):
     """Evaluation sets check at build time that every image exists, naming the record, the path and the roots."""
     from dataset.caption_dataset import RetrievalEvalDataset

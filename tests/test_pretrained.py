@@ -210,8 +210,11 @@ def test_scripts_print_one_line_for_missing_files(tmp_path):
     from tests.conftest import ROOT
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    ann = tmp_path / "ve.json"  # annotation files are checked first (they need only exist here)
+    ann.write_text("[]")
     res = subprocess.run([sys.executable, "VE.py", "--config", "configs/VE_tiny.yaml", "--output_dir",
-                          str(tmp_path / "out"), "--device", "cpu", "--options", "tokenizer=nowhere/at/all"],
+                          str(tmp_path / "out"), "--device", "cpu", "--options", "tokenizer=nowhere/at/all",
+                          f"train_file={ann}", f"val_file={ann}", f"test_file={ann}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.strip().splitlines() == [

@@ -7,6 +7,7 @@ uninterrupted runs.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -290,6 +291,28 @@ def test_unreadable_checkpoints_are_passed_over_or_named(one_epoch, tmp_path):
             _in_process(config, out, "--resume", str(bad))
 
 
+def test_resume_refuses_checkpoints_without_the_training_state(one_epoch, tmp_path):
+    """The original ALBEF's checkpoints and weights-only files name what they lack and the --checkpoint alternative
+    (they used to end in a KeyError on 'rng_state'); so does the original's `--checkpoint X --resume True` idiom."""
+    config, src = one_epoch
+    state = torch.load(src / "checkpoint_00.pth", map_location="cpu", weights_only=True)
+    original = {k: state[k] for k in ("model", "optimizer", "lr_scheduler", "config", "epoch")}
+    torch.save(original, tmp_path / "albef_original.pth")
+    torch.save({k: state[k] for k in ("model", "config", "epoch")}, tmp_path / "best.pth")
+    torch.save([1, 2], tmp_path / "alist.pth")
+    for name, lacks in (("albef_original.pth", "scaler, step, rng_state"),
+                        ("best.pth", "optimizer, lr_scheduler, scaler, step, rng_state")):
+        path = tmp_path / name
+        with pytest.raises(ResumeError, match=rf"{name} cannot be resumed exactly: it lacks {lacks} .*"
+                                              rf"--checkpoint {re.escape(str(path))} without --resume"):
+            _in_process(config, tmp_path / ("out_" + name), "--resume", str(path))
+    with pytest.raises(ResumeError, match="albef_original.pth cannot be resumed exactly"):
+        _in_process(config, tmp_path / "out_idiom", "--checkpoint", str(tmp_path / "albef_original.pth"),
+                    "--resume", "True")
+    with pytest.raises(ResumeError, match="alist.pth is not a training checkpoint of this framework"):
+        _in_process(config, tmp_path / "out_list", "--resume", str(tmp_path / "alist.pth"))
+
+
 def test_checkpoint_flag_messages(tmp_path, tiny_world, one_epoch):
     config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None)
     with pytest.raises(FileNotFoundError, match="checkpoint file .*nope.pth does not exist"):
@@ -303,13 +326,34 @@ def test_checkpoint_flag_messages(tmp_path, tiny_world, one_epoch):
 
 
 @pytest.mark.parametrize("caption", ["", "   ", ["", "a dog"], []])
-def test_empty_captions_are_record_errors(tmp_path, tiny_world, caption):
-    from dataset.caption_dataset import PretrainDataset
+def test_empty_captions_are_skipped_or_record_errors(tmp_path, tiny_world, caption, caplog):
+    """Pre-training (on_bad_image: skip) skips records without a non-empty caption and drops empty ones from lists
+    (web-scale caption files have a few; the original trained on them as empty texts), saying so once; with
+    on_bad_image: raise they are record errors. A caption of the wrong type is an error either way."""
+    from dataset.caption_dataset import DataError, PretrainDataset
 
     (tmp_path / "a.json").write_text(json.dumps([{"image": "x.jpg", "caption": "fine"},
                                                  {"image": "y.jpg", "caption": caption}]))
-    with pytest.raises(ValueError, match=r"a.json: record 1: caption must be a non-empty string"):
-        PretrainDataset(str(tmp_path / "a.json"), None)
+    with pytest.raises(DataError, match=r"a.json: record 1: caption must be a non-empty string"):
+        PretrainDataset(str(tmp_path / "a.json"), None, on_bad_image="raise")
+    ds = PretrainDataset(str(tmp_path / "a.json"), None)
+    if caption == ["", "a dog"]:
+        assert [r["caption"] for r in ds.records] == ["fine", ["a dog"]] and not caplog.records
+    else:
+        assert [r["caption"] for r in ds.records] == ["fine"]
+        assert "a.json: 1 record(s) without a non-empty caption skipped (records 1)" in caplog.text
+    (tmp_path / "b.json").write_text(json.dumps([{"image": "x.jpg", "caption": 5}]))
+    with pytest.raises(DataError, match=r"b.json: record 0: caption must be a string or a list of strings"):
+        PretrainDataset(str(tmp_path / "b.json"), None)
+
+
+def test_retrieval_test_images_need_captions(tmp_path):
+    from dataset.caption_dataset import DataError, RetrievalEvalDataset
+
+    (tmp_path / "t.json").write_text(json.dumps([{"image": "x.jpg", "caption": ["a"]},
+                                                 {"image": "y.jpg", "caption": []}]))
+    with pytest.raises(DataError, match=r"t.json: record 1: caption must be a string or a non-empty list"):
+        RetrievalEvalDataset(str(tmp_path / "t.json"), None)
 
 
 def test_a_malformed_record_ends_the_script_with_one_line(tmp_path, tiny_world):
@@ -332,6 +376,34 @@ def test_mostly_unreadable_images_stop_the_run_naming_image_root(tmp_path, tiny_
                                train_file=[str(tmp_path / "pre.json")])
     with pytest.raises(RuntimeError, match="images read so far this epoch were unreadable.*Check image_root"):
         _in_process(config, tmp_path / "out")
+
+
+def test_a_missing_annotation_file_is_named_before_the_model_is_built(tmp_path, tiny_world):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None,
+                               train_file=[str(tiny_world / "pretrain.json"), str(tmp_path / "cc12m.json")])
+    res = subprocess.run([sys.executable, "Pretrain.py", "--config", config, "--output_dir", str(tmp_path / "out"),
+                          "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"missing file: annotation file {tmp_path / 'cc12m.json'} does not exist (config key train_file)"]
+    assert "model:" not in res.stdout
+
+
+def test_a_wrong_image_root_stops_the_run_at_start_up_in_one_line(tmp_path, tiny_world):
+    """Relative image paths against the wrong folder (the original resolved them against the working directory): no
+    sampled image exists, so the run stops before training, naming a path and image_root (it used to let every
+    loader worker try every record, then raise a RuntimeError from inside the worker)."""
+    records = json.loads((tiny_world / "pretrain.json").read_text())
+    (tmp_path / "pre.json").write_text(json.dumps(records))  # paths relative to the world, file elsewhere
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None,
+                               train_file=[str(tmp_path / "pre.json")])
+    res = subprocess.run([sys.executable, "Pretrain.py", "--config", config, "--output_dir", str(tmp_path / "out"),
+                          "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("missing file: none of the images of 64 records spread over the "
+                                               f"training data exists (e.g. {tmp_path / records[0]['image']})")
+    assert "Check image_root" in err[0] and not (tmp_path / "out" / "checkpoint_00.pth").exists()
 
 
 def test_training_that_ends_in_a_streak_of_skipped_steps_fails(tmp_path, tiny_world):

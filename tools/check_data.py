@@ -6,9 +6,10 @@
 Any task config works (pre-training, retrieval, SNLI-VE, NLVR2, VQA): the YAML is read plainly for ``train_file``,
 ``val_file``, ``test_file``, ``image_root`` (``vqa_root`` / ``vg_root`` for VQA) and ``max_image_pixels``. Each
 record must be an object with its image key(s) (``image``; ``images``, a list of paths, for NLVR2) and a non-empty
-text (``caption``, ``sentence`` or ``question``: a string, or a list of non-empty strings). Images are resolved as
-the data sets do (SNLI-VE ids get ``.jpg``) and decoded with :func:`dataset.images.load_rgb`, the training loader,
-so missing, truncated, corrupt and over-sized files are all found. Each distinct image is checked once.
+text (``caption``, ``sentence`` or ``question``: a string, or a list of non-empty strings), and SNLI-VE / NLVR2
+records a label their data set reads (``entailment`` / ``neutral`` / ``contradiction``; ``True`` / ``False``). Images
+are resolved as the data sets do (SNLI-VE ids get ``.jpg``) and decoded with :func:`dataset.images.load_rgb`, the
+training loader, so missing, truncated, corrupt and over-sized files are all found. Each distinct image is checked once.
 
 Prints a summary; writes one JSON line per bad record (``file``, ``index``, ``image``, ``reason``, ``detail``) to
 ``--out`` (``bad_records.jsonl`` in the current directory by default; written even when empty). Exit status: 0 when
@@ -26,7 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, check_image_options, describe_roots, load_rgb
+from dataset.images import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, DataError, check_image_options, describe_roots,
+                            load_rgb)
 
 TEXT_KEYS = ("caption", "sentence", "question", "text")  # text: RefCOCO+ (grounding) records
 _FROM_CONFIG: Any = object()
@@ -58,6 +60,20 @@ def _text_problem(rec: Dict[str, Any]) -> Optional[str]:
             return f"{key} list has an empty or non-string entry"
         return None
     return f"{key} is a {type(text).__name__}, not a string or a list of strings"
+
+
+def _label_problem(rec: Dict[str, Any]) -> Optional[str]:
+    """An SNLI-VE or NLVR2 record's label that the task's data set would refuse (``'Entailment'``, ``'true'``, ...)."""
+    if "label" not in rec or not isinstance(rec.get("sentence"), str):
+        return None
+    from dataset import nlvr_dataset, ve_dataset
+
+    task = nlvr_dataset if "images" in rec else ve_dataset
+    try:
+        task.record_fields(rec, 30, "record")
+    except DataError as e:
+        return str(e).replace("record has ", "", 1)
+    return None
 
 
 def _image_paths(rec: Dict[str, Any], ann_file: str, image_root: Optional[str], vqa_root: Optional[str],
@@ -122,6 +138,9 @@ def check(ann_files: Sequence[str], image_root: Optional[str] = None, vqa_root: 
             if text_problem:
                 problems.append(text_problem)
                 n_bad_text += 1
+            label_problem = _label_problem(rec)
+            if label_problem:
+                problems.append(label_problem)
             records.append((f, i, paths, problems))
 
     unique = sorted({p for _, _, paths, _ in records for p in paths})
@@ -172,7 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="a task YAML: its train_file, val_file and test_file are checked")
-    src.add_argument("--ann", nargs="+", help="annotation JSON file(s)")
+    src.add_argument("--ann", nargs="+", action="extend", help="annotation JSON file(s); repeatable")
     p.add_argument("--image_root", default=None, help="prefix for relative image paths (overrides the config's)")
     p.add_argument("--max_image_pixels", type=_pixels, default=_FROM_CONFIG,
                    help=f"larger images are bad; 'none' = no limit (default: the config's, else "
