@@ -49,7 +49,7 @@ class PretrainConfig(ModelKeys, TrainOptions):
     max_words: int = 30  # caption words kept by pre_caption
     max_tokens: int = 25  # tokens per caption including [CLS]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    on_bad_image: str = "skip"  # skip (the next record is used; reported in batch["bad_images"]) or raise
+    on_bad_image: str = "skip"  # skip (another record is used; reported in batch["bad_images"]) or raise
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
     test_file: Optional[str] = None  # retrieval-format JSON evaluated zero-shot after every epoch
     test_every: int = 1  # evaluate test_file after every this many epochs (and always after the last)

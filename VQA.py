@@ -67,7 +67,7 @@ class VQAConfig(ModelKeys, TrainOptions):
     max_question_tokens: int = 25  # training-question truncation (the original's max_length=25)
     first_token_twice: bool = True  # the original's ranking score; false = sequence likelihood only (BLIP)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=[0.5, 1.0]))
-    on_bad_image: str = "raise"  # training set only (the test questions always raise); skip = use the next record
+    on_bad_image: str = "raise"  # training set only (the test questions always raise); skip = use another record
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
 
     def __post_init__(self):

@@ -61,8 +61,8 @@ def resolve_image(path: str, image_root: Optional[str], ann_file: str) -> str:
 
 class PretrainDataset(BadImagePolicy, Dataset):
     """(image, caption) pairs for pre-training; returns ``{'image': tensor, 'caption': str, 'bad_images': [path,
-    ...]}``. With ``on_bad_image='skip'`` a bad image is replaced by the next record that loads (wrapping around) and
-    ``bad_images`` lists the paths skipped for this sample (usually none)."""
+    ...]}``. With ``on_bad_image='skip'`` a bad image is replaced by another record that loads (drawn at random:
+    :func:`load_first_readable`) and ``bad_images`` lists the paths skipped for this sample (usually none)."""
 
     def __init__(self, ann_files: Union[str, Sequence[str]], transform, image_root: Optional[str] = None,
                  max_words: int = 30, on_bad_image: str = "skip",
@@ -150,7 +150,7 @@ class RetrievalEvalDataset(Dataset):
 class RetrievalTrainDataset(BadImagePolicy, Dataset):
     """One record per (image, caption) with an ``image_id`` (the original ``re_train_dataset``); returns
     ``{'image', 'caption', 'idx', 'bad_images'}`` where ``idx`` numbers the distinct image ids in order of first
-    appearance. ``on_bad_image='skip'`` replaces a record whose image is bad by the next one that loads (image,
+    appearance. ``on_bad_image='skip'`` replaces a record whose image is bad by another one that loads (image,
     caption and ``idx`` together); ``bad_images`` lists the skipped paths."""
 
     def __init__(self, ann_files: Union[str, Sequence[str]], transform, image_root: Optional[str] = None,

@@ -340,7 +340,7 @@ class GroundingDataset(BadImagePolicy, Dataset):
     :class:`dataset.caption_dataset.RetrievalTrainDataset`, so that the retrieval training step is reused:
     ``idx`` numbers the distinct image file names (the path's basename, as the original) in order of first
     appearance, so all expressions of an image are positives of each other. ``on_bad_image='skip'`` replaces a
-    record whose image is bad by the next one that loads; ``bad_images`` lists the skipped paths.
+    record whose image is bad by another one that loads; ``bad_images`` lists the skipped paths.
 
     ``mode='eval'`` (``'test'``, the original's name, is accepted) returns ``{'image', 'caption', 'ref_id',
     'bad_images'}``; every record needs an int ``ref_id``, and a bad image raises (every ref counts) unless the

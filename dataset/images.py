@@ -30,6 +30,7 @@ limit is checked on the header's size before anything is decoded.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -208,8 +209,9 @@ def load_rgb(path: str, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXE
 class ImageLoader:
     """Loads images with :func:`load_rgb`. A bad image raises :class:`BadImageError` (``on_bad_image='raise'``) or
     (``'skip'``) returns ``None``, counted in ``num_bad`` (per process: each loader worker has its own copy) and
-    logged for the first ``max_warnings`` skips (then every 1000th); the last error is kept in ``last_error``.
-    Exact totals come from the ``bad_images`` key the data sets put in every sample."""
+    logged for the first ``max_warnings`` skips (then every 1000th); the last error is kept in ``last_error``. A file
+    once skipped is skipped again without being read (per process). Exact totals come from the ``bad_images`` key the
+    data sets put in every sample."""
 
     def __init__(self, on_bad_image: str = "skip", max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
                  max_warnings: int = 20):
@@ -219,14 +221,21 @@ class ImageLoader:
         self.max_warnings = max_warnings
         self.num_bad = 0
         self.last_error: Optional[BadImageError] = None
+        self._known_bad: Dict[str, BadImageError] = {}  # skipped files are not read again by this process
 
     def __call__(self, path: str) -> Optional[Image.Image]:
+        known = self._known_bad.get(path)
+        if known is not None:  # a block of missing files (a lost sub-folder) would be re-read by every sample in it
+            self.last_error = known
+            return None
         try:
             return load_rgb(path, self.max_image_pixels)
         except BadImageError as e:
             self.last_error = e
             if self.on_bad_image == "raise":
                 raise
+            if len(self._known_bad) < 1_000_000:
+                self._known_bad[path] = e
             self.num_bad += 1
             if self.num_bad <= self.max_warnings or self.num_bad % 1000 == 0:
                 from torch.utils.data import get_worker_info
@@ -310,18 +319,37 @@ def describe_roots(ann_files: Sequence[str], image_root: Optional[str]) -> str:
         ", ".join(folders)
 
 
+RANDOM_SUBSTITUTES = 64  # substitutes drawn at random for a bad record before the search turns sequential
+
+
+def substitute_record(index: int, attempt: int, num_records: int) -> int:
+    """The record tried in place of ``index`` at ``attempt`` (>= 1): drawn at random, but a fixed function of
+    ``(index, attempt)`` (a splitmix64 hash), so that a resumed epoch substitutes as the uninterrupted one did and the
+    sample's own random stream (its augmentation) is not consumed."""
+    x = (index * 0x9E3779B97F4A7C15 + attempt * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) % num_records
+
+
 def load_first_readable(index: int, num_records: int, paths_of: Callable[[int], Sequence[str]],
                         loader: ImageLoader, where: str) -> Tuple[int, List[Image.Image], List[str]]:
-    """The images of record ``index`` or, when one of them is bad and ``loader`` skips, of the next record (wrapping
-    around) whose images all load: ``(record used, its images, the bad paths met on the way)``. A whole record is
-    substituted, never one image of it, so captions, labels and pairs stay with their images.
+    """The images of record ``index`` or, when one of them is bad and ``loader`` skips, of another record whose
+    images all load: ``(record used, its images, the bad paths met on the way)``. A whole record is substituted,
+    never one image of it, so captions, labels and pairs stay with their images.
 
-    When no record loads, raises ``RuntimeError`` naming the first failures and ``where`` (the annotation files and
-    :func:`describe_roots`)."""
+    Substitutes are drawn at random (:func:`substitute_record`; the first :data:`RANDOM_SUBSTITUTES` tries), not taken
+    in file order: a block of consecutive bad records (a lost sub-folder) then neither makes every sample in it read
+    the rest of the block nor hands the record after it many times, and the bad paths a sample reports are an
+    unbiased sample of the data set's bad share (what ``max_bad_image_fraction`` compares). After that the search
+    goes through the records in order from ``index`` (wrapping around); when no record loads, raises
+    ``RuntimeError`` naming the first failures and ``where`` (the annotation files and :func:`describe_roots`)."""
     bad: List[str] = []
     errors: Dict[str, str] = {}  # the first few distinct failing paths -> error
-    for attempt in range(num_records):
-        i = (index + attempt) % num_records
+    tries = itertools.chain((index,),  # lazily: most samples load at once
+                            (substitute_record(index, a, num_records) for a in range(1, RANDOM_SUBSTITUTES + 1)),
+                            ((index + a) % num_records for a in range(1, num_records)))
+    for i in tries:
         images = []
         for p in paths_of(i):
             image = loader(p)

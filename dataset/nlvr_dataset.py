@@ -43,7 +43,7 @@ def image_paths(rec: Dict[str, Any], image_root: Optional[str], ann_file: str, w
 class NLVRDataset(BadImagePolicy, Dataset):
     """Returns ``{'image0', 'image1', 'caption' (the sentence, cleaned), 'label', 'bad_images'}``.
 
-    ``on_bad_image='skip'`` replaces a record with a bad image by the next record whose two images load (both
+    ``on_bad_image='skip'`` replaces a record with a bad image by another record whose two images load (both
     images, sentence and label together); ``bad_images`` lists the skipped paths. Keep ``'raise'`` for val/test."""
 
     def __init__(self, ann_files: Union[str, Sequence[str]], transform, image_root: Optional[str] = None,

@@ -60,8 +60,10 @@ behaviour; the epoch keeps its length). A stream with 1000 bad images in a row s
 without an image member the task needs (``jpg``/``jpeg``/``png``/``webp``; ``left.jpg`` ... for NLVR2) or
 without a json key it needs (pre-training: ``json``'s ``caption``, else ``txt``, as ``img2dataset`` writes) is
 a ``ValueError`` naming the shard, the key and what is missing: the shards were written for another task (or by
-another tool). So is a torn or unreadable shard (webdataset's ``reraise_exception`` handler; the message names
-the shard).
+another tool). A torn or unreadable shard (truncated by a failed copy, a filesystem error) is passed over with the
+samples read before the damage, but the one being assembled when it broke (:class:`BrokenShards`): a warning names
+it, and so does the next sample's ``bad_images``; 50 such shards in a row without a sample stop the stream with an
+error naming them.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -81,8 +84,70 @@ from dataset.sampling import SeededRNG
 from dataset.text import pre_caption
 from utils import distributed as du
 
+log = logging.getLogger(__name__)
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_BAD_IN_A_ROW = 1000
+MAX_BROKEN_SHARDS_IN_A_ROW = 50  # torn or unreadable shards without a sample in between: the stream stops
+
+
+class BrokenShards:
+    """Torn or unreadable shards met by one stream: each is passed over (with the complete samples read before the
+    damage) and reported, once per stream in the log and in the next sample's ``bad_images``; too many in a row
+    without a sample (a wrong path, a lost filesystem) stop the stream with an error naming them."""
+
+    def __init__(self, limit: int = MAX_BROKEN_SHARDS_IN_A_ROW):
+        self.limit, self.in_a_row, self.pending, self.seen = limit, 0, [], set()
+        self.recent: List[str] = []
+
+    def report(self, url: Any, error: BaseException) -> bool:
+        reason = (str(error.args[0]) if error.args else type(error).__name__).split(" @ ")[0][:200]
+        what = f"{url}: shard passed over ({type(error).__name__}: {reason})"
+        self.in_a_row += 1
+        self.recent = (self.recent + [what])[-3:]
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.in_a_row} shards in a row could not be read, the last: {'; '.join(self.recent)}. "
+                               "Check train_shards (the paths, and that every node sees the files)") from error
+        if url not in self.seen:
+            self.seen.add(url)
+            log.warning("%s (pid %d)", what, os.getpid())
+        self.pending.append(what)
+        return True  # go on with the next shard
+
+    def sample_read(self) -> None:
+        self.in_a_row = 0
+
+    def take(self) -> List[str]:
+        out, self.pending = self.pending, []
+        return out
+
+
+def _shard_samples(src: Iterable[Dict[str, Any]], broken: BrokenShards) -> Iterator[Dict[str, Any]]:
+    """webdataset's ``tarfile_to_samples``, shard by shard: a shard that cannot be opened, or whose tar stream breaks
+    (truncated, corrupt), ends with the samples read before the damage but the one being assembled when it broke,
+    which may lack a member (with webdataset's own error handling it would be merged into the next shard's stream),
+    and is reported to ``broken``. The stream is seeded, so a resumed epoch meets the damage where the uninterrupted
+    one did."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
+
+    for source in url_opener(src, handler=lambda e: broken.report(e.args[-1] if e.args else "?", e)):
+        url = source["url"]
+
+        def files(stream=source["stream"], url=url):
+            for f in tar_file_iterator(stream):
+                f["__url__"] = url
+                yield f
+
+        try:
+            for sample in group_by_keys(files()):
+                broken.sample_read()
+                yield sample
+        except Exception as e:  # noqa: BLE001 (tarfile.ReadError, OSError, zlib errors, ...)
+            broken.report(url, e)
+        finally:
+            close = getattr(source["stream"], "close", None)
+            if close is not None:
+                close()
 
 
 def stream_seed(*parts: Any) -> int:
@@ -325,17 +390,19 @@ class ShardDataset(IterableDataset):
             if not share:
                 return iter(())
             shards = wds.SimpleShardList(share, seed=stream_seed("shard-order", *key))
-        stages: List[Any] = [shards, wds.tarfile_to_samples()]
+        broken = BrokenShards()
+        stages: List[Any] = [shards, functools.partial(_shard_samples, broken=broken)]
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                       seed=stream_seed("shuffle", *key)))
-        stages.append(lambda src: self._decode(src, key, skip))
+        stages.append(lambda src: self._decode(src, key, skip, broken))
         pipeline = wds.DataPipeline(*stages)
         if self.resampled:
             return iter(pipeline.with_epoch(count))  # count > 0 here: with_epoch(0) would never end
         return iter(wds.DataPipeline(pipeline, wds.slice(count)))
 
-    def _decode(self, src: Iterable[Dict[str, Any]], key: Tuple[int, ...], skip: int) -> Iterator[Dict[str, Any]]:
+    def _decode(self, src: Iterable[Dict[str, Any]], key: Tuple[int, ...], skip: int,
+                broken: Optional[BrokenShards] = None) -> Iterator[Dict[str, Any]]:
         bad: List[str] = []
         bad_in_a_row = 0
         seed_prefix = ":".join(map(str, ("sample", *key))) + ":"  # stream_seed("sample", *key, position)
@@ -361,7 +428,7 @@ class ShardDataset(IterableDataset):
                     sample = self.sample(meta, images, where)
             if sample is None:
                 continue
-            sample["bad_images"] = bad
+            sample["bad_images"] = bad + (broken.take() if broken is not None else [])
             bad, bad_in_a_row = [], 0
             yield sample  # outside the seeded block: the consumer runs under its own random state
 

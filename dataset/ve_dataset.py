@@ -38,7 +38,7 @@ def image_paths(rec: Dict[str, Any], image_root: Optional[str], ann_file: str) -
 class VEDataset(BadImagePolicy, Dataset):
     """Returns ``{'image', 'caption' (the hypothesis, cleaned), 'label', 'bad_images'}``.
 
-    ``on_bad_image='skip'`` replaces a record with a bad image by the next one that loads (image, hypothesis and
+    ``on_bad_image='skip'`` replaces a record with a bad image by another one that loads (image, hypothesis and
     label together); ``bad_images`` lists the skipped paths. Keep ``'raise'`` for val/test."""
 
     def __init__(self, ann_file: str, transform, image_root: Optional[str] = None, max_words: int = 30,

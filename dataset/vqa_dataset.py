@@ -74,7 +74,7 @@ def image_paths(rec: Dict[str, Any], vqa_root: Optional[str], vg_root: Optional[
 class VQADataset(BadImagePolicy, Dataset):
     """Train samples: ``{'question', 'answers', 'weights', 'image', 'bad_images'}``; test samples: ``{'question',
     'question_id', ('gt'), 'image', 'bad_images'}``. ``on_bad_image='skip'`` (training only: every test question
-    must be answered) replaces a record with a bad image by the next one that loads (image, question and answers
+    must be answered) replaces a record with a bad image by another one that loads (image, question and answers
     together); ``bad_images`` lists the skipped paths."""
 
     def __init__(self, ann_files: Union[str, Sequence[str]], transform, vqa_root: Optional[str] = None,

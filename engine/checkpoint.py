@@ -15,7 +15,7 @@ import glob
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ POSITION = "position"  # checkpoint_last.pth: {"step_in_epoch", "steps_per_epoch
 GUARD = "guard"  # divergence-guard counters {"bad_steps", "consecutive_bad"}
 CHECKSUMS = "param_checksums"  # one float64 [n_params, 2] tensor (sum, sum of squares) per rank
 RUN = "run"  # {"seed", "world_size"}: what the run was launched with besides the config
+SEQ = "save_seq"  # 1, 2, ... in the order checkpoints are written into an output_dir (over resumes and rollbacks)
 LAST_NAME = "checkpoint_last.pth"
 # what a training checkpoint of this framework holds at least (Trainer.resume reads them all)
 TRAINING_KEYS = (MODEL, OPTIMIZER, SCHEDULER, SCALER, EPOCH, STEP, RNG)
@@ -53,14 +54,38 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only or vanished folder, quota): the message names the file
+    and the operating system's reason; the checkpoints written before are intact."""
+
+
+def _os_reason(e: BaseException) -> str:
+    """The operating system's reason behind ``e`` (torch.save wraps ENOSPC in a RuntimeError about zip offsets)."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """Write to ``path + '.tmp'``, flush to disk, then rename: a crash never leaves a half-written file."""
+    """Write to ``path + '.tmp'``, flush to disk, then rename: a crash never leaves a half-written file. A failed
+    write (disk full, read-only folder) removes the temporary file and raises :class:`CheckpointWriteError`."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise CheckpointWriteError(f"writing {path} failed: {_os_reason(e)}. The checkpoints written before are "
+                                   "intact: free space (or fix the folder) and continue with --resume") from e
 
 
 def checkpoint_path(output_dir: str, epoch: int) -> str:
@@ -87,33 +112,51 @@ def run_checkpoints(output_dir: str) -> List[str]:
     return paths + ([last_path(output_dir)] if os.path.isfile(last_path(output_dir)) else [])
 
 
-def _step_of(path: str) -> int:
+def _order_of(path: str) -> Optional[Tuple[int, int]]:
+    """``(save sequence number, global step)`` of a checkpoint (-1 for a sequence number it predates), None when it is
+    unreadable: read with ``mmap``, so the tensors are not."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(STEP, -1))
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state.get(SEQ, -1)), int(state.get(STEP, -1))
     except Exception:  # an unreadable file is never the one to resume from
-        return -1
+        return None
+
+
+def _step_of(path: str) -> int:
+    order = _order_of(path)
+    return -1 if order is None else order[1]
+
+
+def last_save_seq(output_dir: str) -> int:
+    """The highest save sequence number of the checkpoints in ``output_dir`` (0 when none has one): a run's next save
+    gets a higher one, so that the newest written checkpoint is known even after a rollback."""
+    orders = [_order_of(p) for p in run_checkpoints(output_dir)] if os.path.isdir(output_dir) else []
+    return max([0] + [o[0] for o in orders if o is not None])
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The checkpoint to resume from: of the newest readable ``checkpoint_XX.pth`` and ``checkpoint_last.pth``, the one
-    with the higher global step (the epoch one on a tie); None when there is none. An unreadable file (damaged
-    outside :func:`atomic_save`'s protection) is passed over with a warning."""
+    """The checkpoint to resume from: the readable ``checkpoint_XX.pth`` or ``checkpoint_last.pth`` written last (the
+    highest save sequence number; for files that predate it, the highest global step, the latest epoch one on a
+    tie). Not the highest step: after a rollback (``--resume checkpoint_00.pth``) or a change of world size the files
+    of the abandoned branch may count more steps. None when there is no checkpoint; an unreadable file (damaged outside
+    :func:`atomic_save`'s protection) is passed over with a warning, and when every file is unreadable
+    :class:`engine.resume.ResumeError` is raised (never a silent start from scratch over days of training)."""
+    from engine.resume import ResumeError
 
-    def readable_step(path: str) -> int:
-        step = _step_of(path)
-        if step < 0:
+    candidates = run_checkpoints(output_dir)
+    best, best_key = None, None
+    for i, path in enumerate(candidates):  # epoch ones by epoch, then checkpoint_last.pth
+        order = _order_of(path)
+        if order is None:
             print(f"warning: {path} is not a readable checkpoint (truncated or corrupt); passed over", flush=True)
-        return step
-
-    best, best_step = None, -1
-    for path in reversed(epoch_checkpoints(output_dir)):  # newest first, down to the first readable one
-        step = readable_step(path)
-        if step >= 0:
-            best, best_step = path, step
-            break
-    last = last_path(output_dir)
-    if os.path.isfile(last) and readable_step(last) > best_step:
-        best = last
+            continue
+        key = (order[0], order[1], path != last_path(output_dir), i)
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+    if candidates and best is None:
+        raise ResumeError(f"no readable checkpoint in {output_dir}: {', '.join(os.path.basename(p) for p in candidates)} "
+                          "are all truncated or corrupt. Resume from a copy with --resume PATH, or start anew with "
+                          "--overwrite.")
     return best
 
 

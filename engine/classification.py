@@ -58,7 +58,7 @@ class ClassifierConfig(ModelKeys, TrainOptions):
     max_words: int = 30  # words kept by pre_caption
     max_tokens: int = 100  # tokenizer truncation (the original does not truncate these short sentences)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=[0.5, 1.0]))
-    on_bad_image: str = "raise"  # training set only (val/test always raise); skip = use the next record
+    on_bad_image: str = "raise"  # training set only (val/test always raise); skip = use another record
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS  # bigger images are bad (PIL's default); null = no limit
 
     def __post_init__(self):

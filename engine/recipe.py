@@ -275,6 +275,7 @@ def run_cli(main) -> None:
     import sys
 
     from dataset.images import DataError, MissingDataError
+    from engine.checkpoint import CheckpointWriteError
     from engine.resume import OutputDirError, ResumeError
     from engine.trainer import EXIT_PREEMPTED, Preempted
     from models.layouts import CheckpointError
@@ -300,6 +301,10 @@ def run_cli(main) -> None:
         sys.exit(2)
     except CheckpointError as e:  # unreadable, another task's layout, other sizes
         print(f"checkpoint error: {e}", file=sys.stderr)
+        du.cleanup()
+        sys.exit(2)
+    except CheckpointWriteError as e:  # disk full, read-only folder: the run stops, its earlier checkpoints stand
+        print(f"checkpoint write error: {e}", file=sys.stderr)
         du.cleanup()
         sys.exit(2)
     except Preempted:

@@ -25,7 +25,21 @@ HARMLESS_KEYS = (
     "max_bad_steps", "dist_timeout_minutes", "compile", "test_file", "val_file", "batch_size_test", "k_test",
     "rerank_score", "rerank_itc_weight", "test_every", "first_token_twice", "answer_list", "on_bad_image",
     "max_image_pixels", "persistent_workers", "prefetch_factor", "max_bad_image_fraction",
+    # evaluation only (pre-training's zero-shot test, grounding's Grad-CAM evaluation)
+    "test_world", "examples", "gradcam_mode", "block_num", "score_alpha", "det_file", "refcoco_data", "coco_file",
 )
+
+
+def _same(va: Any, vb: Any) -> bool:
+    """Equal values; numbers by value (1 == 1.0) and a file as a string or a one-element list (``train_file: a.json``
+    is ``train_file: [a.json]``)."""
+    if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
+        return float(va) == float(vb)
+    if isinstance(va, str) and isinstance(vb, list) and len(vb) == 1:
+        return [va] == vb
+    if isinstance(vb, str) and isinstance(va, list) and len(va) == 1:
+        return va == [vb]
+    return va == vb
 
 
 class ResumeError(RuntimeError):
@@ -62,12 +76,8 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any], harmless: Iterable[
         if _harmless(key, harmless):
             continue
         va, vb = a.get(key, d.get(key, "<absent>")), b.get(key, "<absent>")
-        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
-            if float(va) == float(vb):
-                continue
-        elif va == vb:
-            continue
-        out.append((key, va, vb))
+        if not _same(va, vb):
+            out.append((key, va, vb))
     return out
 
 

@@ -193,6 +193,10 @@ class _HostMirror:
         return out
 
 
+# the fields of a mid-epoch position that differ between ranks (checkpoint_last.pth keeps them per rank)
+_RANK_POSITION_KEYS = ("names", "sums", "n_good", "bad_images", "bad_paths", "bad_events", "samples")
+
+
 def compile_regions(model: nn.Module) -> int:
     """Regional compilation: ``torch.compile`` each transformer block in place (ViT blocks and BERT layers, the
     momentum copies included). Identical blocks share one compiled graph, so compile time is that of a block, not of
@@ -264,6 +268,7 @@ class Trainer:
         self._grads_checked = False
         self._stop_signal = 0
         self._last_save_time = time.time()
+        self._save_seq: Optional[int] = None  # the last checkpoint's save sequence number (read at the first save)
         self.log = JsonLog(output_dir, du.is_main_process())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -310,15 +315,21 @@ class Trainer:
         epoch, on rank 0 (collective: every rank must call it)."""
         checksums = self._checked_checksums()
         rng = du.all_gather_object(ckpt.rng_state())  # every rank's RNG, for an exact resume
+        if position is not None:  # every rank's partial epoch sums and bad-image counts, each rank restoring its own
+            ranks = du.all_gather_object({k: position[k] for k in _RANK_POSITION_KEYS})
         self._last_save_time = time.time()
         if not du.is_main_process():
             return None
         path = ckpt.last_path(self.output_dir) if position is not None else ckpt.checkpoint_path(self.output_dir, epoch)
+        if self._save_seq is None:  # after every checkpoint already in the folder, whatever branch wrote them
+            self._save_seq = ckpt.last_save_seq(self.output_dir)
+        self._save_seq += 1
         state = self.state_dict(epoch)
+        state[ckpt.SEQ] = self._save_seq
         state[ckpt.RNG] = rng
         state[ckpt.CHECKSUMS] = checksums
         if position is not None:
-            state[ckpt.POSITION] = position
+            state[ckpt.POSITION] = dict(position, ranks=ranks)
         ckpt.atomic_save(state, path)
         if self.opts.keep_checkpoints and position is None:
             for old in range(epoch - self.opts.keep_checkpoints, -1, -1):
@@ -373,7 +384,8 @@ class Trainer:
                 done = position["step_in_epoch"] * position["batch_size"] * position["world_size"] * old_accum
                 per_step = self.batch_size * du.get_world_size() * self.opts.accum_steps
                 self.start_step = min(done // per_step, self.steps_per_epoch - 1)
-                print0(f"note: batch or world size changed: continuing epoch {epoch} at step {self.start_step} of "
+                print0(f"note: batch size, world size, accum_steps or epoch length changed: continuing epoch {epoch} "
+                       f"at step {self.start_step} of "
                        f"{self.steps_per_epoch} (sample {done} of the epoch, rounded down to a whole step)")
         if changes:
             self.global_step = self.start_epoch * self.steps_per_epoch + self.start_step
@@ -512,6 +524,8 @@ class Trainer:
         self._bad_events = self._samples = 0  # images skipped / samples delivered (for max_bad_image_fraction)
         resumed = self._epoch_resume if start_step else None
         self._epoch_resume = None
+        if resumed is not None and len(resumed.get("ranks") or ()) == du.get_world_size():
+            resumed = resumed["ranks"][du.get_rank()]  # this rank's part (checkpoints before it: rank 0's for all)
         if resumed is not None and resumed.get("sums") is not None:
             names, sums = list(resumed["names"]), resumed["sums"].to(self.device)
             window = torch.zeros_like(sums)
@@ -544,8 +558,8 @@ class Trainer:
             wait_window += wait
             for batch in group:
                 if isinstance(batch, dict) and batch.get("bad_images"):
-                    self._bad_events += len(batch["bad_images"])
-                    new = set(batch["bad_images"]) - bad_set
+                    self._bad_events += len(batch["bad_images"])  # every try: substitutes are drawn at random
+                    new = set(batch["bad_images"]) - bad_set  # distinct files, for the logs
                     bad_set |= new
                     bad_images += len(new)
                     bad_paths = (bad_paths + sorted(new))[:5]

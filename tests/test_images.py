@@ -195,6 +195,40 @@ class _Tok:  # minimal stand-in with BERT's ids
         return {"input_ids": torch.tensor([[2, 7, 3]] * n), "attention_mask": torch.ones(n, 3, dtype=torch.long)}
 
 
+def test_bad_records_are_replaced_by_records_drawn_at_random():
+    """A block of consecutive bad records (a lost sub-folder): substitutes are drawn at random, so the samples in the
+    block do not read the rest of it, no record stands in for the whole block, and the share of bad paths the
+    samples report is the data set's bad share (what max_bad_image_fraction compares); each bad file is read once
+    per process."""
+    from dataset.images import load_first_readable, substitute_record
+
+    n, block = 400, range(100, 200)  # 25 % bad, contiguous
+    reads = []
+
+    class Loader:
+        last_error = None
+
+        def __call__(self, p):
+            reads.append(p)
+            return None if int(p) in block else "image"
+
+    loader = Loader()
+    used, n_bad = [], 0
+    for index in range(n):
+        i, images, bad = load_first_readable(index, n, lambda j: (str(j),), loader, "test")
+        assert images == ["image"] and i not in block and (i == index) == (index not in block)
+        assert bad[:1] == ([str(index)] if index in block else [])
+        used.append(i)
+        n_bad += len(bad)
+    assert 0.2 < n_bad / (n_bad + n) < 0.3  # the bad share, not inflated by walking through the block
+    assert max(used.count(i) for i in set(used)) <= 4  # the record after the block is not used 100 times
+    assert all(substitute_record(7, a, n) == substitute_record(7, a, n) for a in range(1, 5))
+    # the real loader skips a file it found bad without reading it again
+    real = ImageLoader("skip")
+    assert real("/nonexistent/a.jpg") is None and real("/nonexistent/a.jpg") is None
+    assert real.num_bad == 1 and real.last_error is not None and real.last_error.reason == "missing"
+
+
 def test_collators_report_bad_images(tmp_path):
     _jpeg(tmp_path / "ok.jpg")
     (tmp_path / "a.json").write_text(json.dumps([
@@ -204,8 +238,11 @@ def test_collators_report_bad_images(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=CaptionCollator(_Tok(), 25))
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 3, 16, 16)
-    assert batch["bad_images"] == [str(tmp_path / "gone1.jpg"), str(tmp_path / "gone2.jpg"),
-                                   str(tmp_path / "gone2.jpg")]
+    gone = [str(tmp_path / "gone1.jpg"), str(tmp_path / "gone2.jpg")]
+    s0, s1 = ds[0], ds[1]  # substitutes are a fixed function of (index, attempt): the same every time
+    assert s0["bad_images"][0] == gone[0] and s1["bad_images"][0] == gone[1]
+    assert set(s0["bad_images"] + s1["bad_images"]) == set(gone) and {s0["caption"], s1["caption"]} <= {"c", "d"}
+    assert batch["bad_images"] == s0["bad_images"] + s1["bad_images"]
     from engine.trainer import move_to
 
     assert move_to(batch, torch.device("cpu"))["bad_images"] == batch["bad_images"]

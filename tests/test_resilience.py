@@ -162,6 +162,7 @@ def test_kill9_and_resume_under_two_processes_is_bitwise_equal(reference2, tmp_p
     _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")
     state = torch.load(out / "checkpoint_01.pth", map_location="cpu", weights_only=True)
     assert len(state["rng_state"]) == 2 and torch.equal(*state["param_checksums"])
+    assert _losses(out) == _losses(ref)  # every rank restores its own partial epoch sums (rank 0's were counted twice)
 
 
 @pytest.mark.slow
@@ -183,8 +184,10 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_and_resumes_exactly(referenc
     assert "stop signal: checkpoint written" in log, log[-3000:]
     state = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)
     assert 3 <= state["position"]["step_in_epoch"] < 8 and len(state["rng_state"]) == 2
+    assert len(state["position"]["ranks"]) == 2
     _run(config, out, "--resume", nproc=2)
     _assert_same_weights(ref / "checkpoint_01.pth", out / "checkpoint_01.pth")
+    assert _losses(out) == _losses(ref)
 
 
 # ----------------------------------------------------------------------------------------- resume that never lies
@@ -268,6 +271,14 @@ def test_config_changes_ignores_bookkeeping_keys():
     assert config_changes(old, new) == [("batch_size", 64, 32)]
 
 
+def test_evaluation_keys_and_file_spellings_are_no_changes():
+    old = {"train_file": ["a.json"], "test_world": "w", "examples": 0, "gradcam_mode": "itm", "lr": 1}
+    new = {"train_file": "a.json", "test_world": None, "examples": 6, "gradcam_mode": "itc", "lr": 1.0}
+    assert config_changes(old, new) == []
+    assert config_changes({"train_file": ["a.json", "b.json"]}, {"train_file": "a.json"}) == [
+        ("train_file", ["a.json", "b.json"], "a.json")]
+
+
 def test_keys_a_checkpoint_predates_count_as_their_defaults():
     from Pretrain import PretrainConfig
     from utils.config import defaults_of
@@ -289,6 +300,70 @@ def test_unreadable_checkpoints_are_passed_over_or_named(one_epoch, tmp_path):
     for bad in (out / "checkpoint_last.pth", out / "junk.pth"):
         with pytest.raises(ResumeError, match=f"{bad.name} is not a readable checkpoint"):
             _in_process(config, out, "--resume", str(bad))
+
+
+def test_a_failed_checkpoint_write_ends_the_run_in_one_line_and_leaves_no_temporary_file(tmp_path, tiny_world):
+    """A full disk (here: a file-size limit, so writes fail with EFBIG as they would with ENOSPC) while writing a
+    checkpoint: one line naming the file and the OS's reason (torch.save hides it in a RuntimeError about zip
+    offsets), exit 2, no torn .tmp left on the full disk."""
+    import resource
+
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_world, test_file=None, checkpoint_every_steps=2)
+    limit = 256 * 1024  # far below a checkpoint, far above config.yaml and log.txt
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes raise EFBIG
+
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "Pretrain.py", "--config", config, "--output_dir", str(out), "--device",
+                          "cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180,
+                         preexec_fn=small_files)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"checkpoint write error: writing {out / 'checkpoint_last.pth'} failed: [Errno 27] File "
+                           "too large"), res.stderr[-2000:]
+    assert "continue with --resume" in last
+    assert not list(out.glob("*.tmp")) and not list(out.glob("checkpoint_*.pth"))
+
+
+def test_resume_takes_the_checkpoint_written_last_not_the_most_steps(tmp_path):
+    """After a rollback (--resume checkpoint_00.pth with changes) or a change of world size, the abandoned branch's
+    files may count more steps than the new branch's: --resume takes the one written last (save sequence number);
+    files that predate the number are ordered by step as before; only unreadable files: an error, not a fresh start."""
+    def write(name, step, seq=None):
+        torch.save({"step": step, **({} if seq is None else {"save_seq": seq})}, tmp_path / name)
+
+    write("checkpoint_00.pth", 10, 1)
+    write("checkpoint_01.pth", 20, 2)
+    write("checkpoint_02.pth", 30, 3)
+    write("checkpoint_last.pth", 15, 4)  # the rolled-back branch, inside its epoch 1
+    assert ckpt.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_last.pth")
+    assert ckpt.last_save_seq(str(tmp_path)) == 4
+    write("checkpoint_01.pth", 20, 5)  # the new branch ends its epoch 1
+    assert ckpt.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_01.pth")
+    for name in ("checkpoint_00.pth", "checkpoint_01.pth", "checkpoint_02.pth", "checkpoint_last.pth"):
+        write(name, {"checkpoint_00.pth": 10, "checkpoint_01.pth": 20, "checkpoint_02.pth": 20}.get(name, 15))
+    assert ckpt.last_save_seq(str(tmp_path)) == 0  # written before the sequence number: by step, epoch on a tie
+    assert ckpt.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_02.pth")
+    write("checkpoint_last.pth", 12, 1)  # a resumed legacy run writes the first numbered checkpoint
+    assert ckpt.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_last.pth")
+    for p in tmp_path.glob("checkpoint_*.pth"):
+        p.write_bytes(p.read_bytes()[:20])
+    with pytest.raises(ResumeError, match="no readable checkpoint in .*: checkpoint_00.pth, .* are all truncated"):
+        ckpt.latest_checkpoint(str(tmp_path))
+    for p in tmp_path.glob("checkpoint_*.pth"):
+        p.unlink()
+    assert ckpt.latest_checkpoint(str(tmp_path)) is None  # nothing yet: a requeued first job starts from scratch
+
+
+def test_checkpoints_are_numbered_in_the_order_written(one_epoch, tmp_path):
+    config, src = one_epoch
+    out = _copy_run(src, tmp_path / "out")
+    seq = torch.load(out / "checkpoint_00.pth", weights_only=True, mmap=True)["save_seq"]
+    assert seq >= 1
+    _in_process(config, out, "--resume", str(out / "checkpoint_00.pth"), "--resume_changes", "apply",
+                "--options", "schedular.epochs=2", "optimizer.lr=2e-4")
+    assert torch.load(out / "checkpoint_01.pth", weights_only=True, mmap=True)["save_seq"] == seq + 1
 
 
 def test_resume_refuses_checkpoints_without_the_training_state(one_epoch, tmp_path):

@@ -231,6 +231,45 @@ def test_bad_sample_in_a_shard_is_skipped_and_reported(tiny_world, tmp_path):
     assert txt[0]["caption"] == "a dog running"
 
 
+def test_a_torn_shard_is_passed_over_with_its_complete_samples(tiny_world, tmp_path, caplog):
+    """A shard truncated in the middle of a sample (a failed copy): the samples before the damage are kept but the
+    one being assembled when it broke (it may lack a member; here sample 2, whose end the reader had not seen), the
+    torn one is dropped (not merged into the next shard's first sample), the next shard is read, and the shard is
+    named in a warning and in the next sample's bad_images; the same epoch twice gives the same samples. Only broken
+    shards (lost or overwritten files): the stream stops naming them instead of looping."""
+    records = _records(tiny_world)
+    for name, first in (("s-0.tar", 0), ("s-1.tar", 6)):
+        with wds.TarWriter(str(tmp_path / name)) as w:
+            for i in range(first, first + 6):
+                w.write({"__key__": f"{i:03d}", "jpg": (tiny_world / records[i]["image"]).read_bytes(),
+                         "json": json.dumps({"caption": records[i]["caption"], "image": records[i]["image"]})})
+    torn = tmp_path / "s-0.tar"
+    data = torn.read_bytes()
+    cut = data.index(b"003.jpg") + 1024  # inside the 4th sample's image
+    torn.write_bytes(data[:cut])
+    pattern = str(tmp_path / "s-{0..1}.tar")
+
+    def epoch():
+        ds = ShardDataset(pattern, PIXELS, 30, 8, shuffle_buffer=0, resampled=False)
+        return list(ds)
+
+    got = epoch()
+    expected = [_digest(PIXELS(load_rgb(str(tiny_world / records[i]["image"])))) for i in (0, 1, 6, 7, 8, 9, 10, 11)]
+    assert [_digest(s["image"]) for s in got] == expected
+    assert [len(s["bad_images"]) for s in got] == [0, 0, 1, 0, 0, 0, 0, 0]
+    assert got[2]["bad_images"][0].startswith(f"{torn}: shard passed over (ReadError")
+    assert f"{torn}: shard passed over" in caplog.text
+    assert [_digest(s["image"]) for s in epoch()] == [_digest(s["image"]) for s in got]
+    from dataset.shards import BrokenShards
+
+    for i in range(2):
+        (tmp_path / f"junk-{i}.tar").write_bytes(b"not a tar file " * 200)
+    junk = ShardDataset(str(tmp_path / "junk-{0..1}.tar"), PIXELS, 30, 4, shuffle_buffer=0)  # resampled
+    with pytest.raises(RuntimeError, match=r"50 shards in a row could not be read, the last: .*junk-\d.tar"):
+        list(junk)
+    assert BrokenShards().limit == 50
+
+
 def test_crash_with_persistent_workers_exits(shards, tmp_path):
     """An exception out of the training loop leaves the loader referenced by the traceback until exit, where
     multiprocessing SIGTERMs the workers (which ignore it) and joins them: the loader stops them first."""

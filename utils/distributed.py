@@ -92,6 +92,11 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+# torch 2.14 renamed all_gather_into_tensor (which now warns at every call: once per step per rank) to
+# all_gather_single; older versions have only the former
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @torch.no_grad()
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0 (rank order); identity in a single process."""
@@ -100,7 +105,7 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     tensor = tensor.contiguous()
     out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor)
+    _all_gather_single(out, tensor)
     return out
 
 
