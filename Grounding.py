@@ -133,7 +133,8 @@ def compute_cams(model, loader, device, mode: str, block_num: int) -> List[Dict[
             cams = grounding_cam(model, batch["image"].to(device, non_blocking=True), batch["input_ids"].to(device),
                                  batch["attention_mask"].to(device), mode, block_num).float().cpu()
             for i, ref_id, cam in zip(batch["index"].tolist(), batch["ref_id"].tolist(), cams):
-                out.append({"index": i, "ref_id": ref_id, "cam": cam})
+                # a copy, not a view: gathering a view would pickle the whole batch's storage with every record
+                out.append({"index": i, "ref_id": ref_id, "cam": cam.clone()})
     finally:
         model.train(was_training)
     return out

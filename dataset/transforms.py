@@ -235,7 +235,21 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_images expects uint8 images, got {images.dtype}")
     images = TF.to_dtype(images, torch.float32, scale=True)
-    return TF.normalize(images, list(CLIP_MEAN), list(CLIP_STD), inplace=True)  # a fresh tensor: in place is safe
+    mean, std = _clip_constants(images.device)
+    return images.sub_(mean).div_(std)  # torchvision's normalize, in place on the fresh tensor
+
+
+_CLIP_CONSTANTS: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _clip_constants(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The CLIP mean and std as ``[3, 1, 1]`` float32 tensors on ``device``, made once: torchvision's ``normalize``
+    builds them from the Python lists at every call, and on CUDA that copy from pageable host memory waits for
+    everything queued on the stream (a host sync per training step)."""
+    if device not in _CLIP_CONSTANTS:
+        _CLIP_CONSTANTS[device] = tuple(torch.as_tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)
+                                        for v in (CLIP_MEAN, CLIP_STD))
+    return _CLIP_CONSTANTS[device]
 
 
 def randaugment(cfg: AugmentConfig) -> T.RandAugment:

@@ -40,8 +40,8 @@ def rng_state() -> Dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a rank may see 8 GPUs (torchrun) or 1 (srun)
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -50,8 +50,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state:  # checkpoints before: every visible GPU's, of which this rank's is the current device's
+        states, current = state["cuda"], torch.cuda.current_device()
+        if current < len(states):
+            torch.cuda.set_rng_state(states[current])
 
 
 class CheckpointWriteError(OSError):

@@ -88,10 +88,15 @@ def format_changes(changes: List[Tuple[str, Any, Any]]) -> str:
 def resolve_resume_path(resume: Optional[str], output_dir: str) -> Optional[str]:
     """Rank 0 resolves ``--resume`` (``latest`` = the newest checkpoint of ``output_dir``) and broadcasts the path;
     every rank checks it can read it. Returns None when ``latest`` finds nothing."""
-    path = None
+    path, error = None, None
     if du.is_main_process():
-        path = ckpt.latest_checkpoint(output_dir) if resume == "latest" else resume
-    path = du.broadcast_object(path)
+        try:
+            path = ckpt.latest_checkpoint(output_dir) if resume == "latest" else resume
+        except ResumeError as e:  # every rank raises it: the others must not wait in the broadcast for a path
+            error = str(e)
+    path, error = du.broadcast_object((path, error))
+    if error is not None:
+        raise ResumeError(error)
     if path is None:
         return None
     ok, err = True, ""

@@ -206,6 +206,12 @@ def compile_regions(model: nn.Module) -> int:
 
     from models.bert import BertLayer
 
+    # Every BertLayer (text, fusion, momentum, the VQA decoder) shares one code object, so one recompile budget for
+    # all its variants (self-only / cross-attention, with or without cached image K/V, grad or no grad, shapes):
+    # 7 were counted for pre-training with its zero-shot evaluation. Past the default of 8 Dynamo would silently run
+    # further variants eagerly.
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     n = 0
     for m in model.modules():
         if isinstance(m, (Block, BertLayer)):
@@ -740,9 +746,11 @@ class Trainer:
                 self.log.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch, "epoch/")
                 if path:
                     print0(f"saved {path}")
-                du.barrier()
+                # every rank decides on the same flag (a signal may reach the ranks on either side of this point)
+                flag = torch.tensor([float(self._stop_signal != 0)], device=self.device)
+                stop = float(du.all_reduce_sum(flag)[0]) > 0  # also the epoch's barrier
                 done += 1
-                if self._stop_signal and epoch + 1 < epochs:
+                if stop and epoch + 1 < epochs:
                     print0(f"stop signal: checkpoint written at the end of epoch {epoch}; exiting with code "
                            f"{EXIT_PREEMPTED} (continue with --resume)")
                     raise Preempted(self.global_step)

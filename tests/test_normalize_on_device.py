@@ -63,6 +63,11 @@ def test_every_pixel_value_of_every_channel():
     assert torch.equal(got[0], expected) and torch.equal(got[1], expected.flip(-1))
     with pytest.raises(TypeError, match="uint8"):
         normalize_images(got)
+    # the mean / std tensors are made once per device (on CUDA, building them from Python lists at every step
+    # would be a host sync per step)
+    from dataset.transforms import _clip_constants
+
+    assert all(a is b for a, b in zip(_clip_constants(got.device), _clip_constants(got.device)))
 
 
 def test_other_transforms_are_refused():

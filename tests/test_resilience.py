@@ -356,6 +356,22 @@ def test_resume_takes_the_checkpoint_written_last_not_the_most_steps(tmp_path):
     assert ckpt.latest_checkpoint(str(tmp_path)) is None  # nothing yet: a requeued first job starts from scratch
 
 
+def test_only_unreadable_checkpoints_stop_every_rank_in_one_line(one_epoch, tmp_path):
+    """Rank 0 finds that no checkpoint is readable: every rank stops with the message (exit 2), none waits in the
+    broadcast for a path that never comes."""
+    config, src = one_epoch
+    out = _copy_run(src, tmp_path / "out")
+    for p in out.glob("checkpoint_*.pth"):
+        p.write_bytes(p.read_bytes()[:1000])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "Pretrain.py", "--config", config, "--output_dir", str(out), "--device",
+           "cpu", "--resume"]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("resume error: no readable checkpoint")]
+    assert len(errors) == 2, res.stderr[-3000:]  # both ranks, each in one line
+
+
 def test_checkpoints_are_numbered_in_the_order_written(one_epoch, tmp_path):
     config, src = one_epoch
     out = _copy_run(src, tmp_path / "out")

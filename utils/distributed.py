@@ -52,13 +52,19 @@ def _env_int(*names: str, default: int = -1) -> int:
 
 
 def init_distributed(device: str = "cuda", timeout_minutes: float = 30.0) -> DistInfo:
-    """Initialise from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``/
-    ``SLURM_LOCALID``; needs ``MASTER_ADDR``, defaults ``MASTER_PORT`` to 29500) environment variables, else run
+    """Initialise from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or srun (``SLURM_PROCID``/
+    ``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID``; needs ``MASTER_ADDR``, defaults ``MASTER_PORT`` to 20000 + the job
+    id modulo 20000) environment variables, else run
     as a single process. Picks NCCL on CUDA and gloo on CPU; sets the CUDA device to the local rank. A collective
     that waits longer than ``timeout_minutes`` (config key ``dist_timeout_minutes``) fails instead of hanging.
     """
     rank = _env_int("RANK", "SLURM_PROCID")
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    # SLURM_STEP_NUM_TASKS: the tasks srun started; SLURM_NTASKS alone is the allocation's, also seen by a plain
+    # `python Pretrain.py` in the batch script, which would then wait for ranks that never come
+    world = _env_int("WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+    if "WORLD_SIZE" not in os.environ and "SLURM_STEP_NUM_TASKS" not in os.environ and _env_int("SLURM_NTASKS") > 1:
+        print(f"note: SLURM_NTASKS={os.environ['SLURM_NTASKS']} but this process was not started by srun: running as "
+              "one process (launch with `srun python ...` for one rank per task, or with torchrun)")
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     use_cuda = device.startswith("cuda") and torch.cuda.is_available()
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -71,7 +77,8 @@ def init_distributed(device: str = "cuda", timeout_minutes: float = 30.0) -> Dis
     if "RANK" not in os.environ:  # SLURM: export what env:// initialisation reads
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
-        os.environ.setdefault("MASTER_PORT", "29500")
+        # a port of this job's own: two jobs sharing a node must not both take 29500
+        os.environ.setdefault("MASTER_PORT", str(20000 + _env_int("SLURM_JOB_ID", default=9500) % 20000))
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("SLURM launch without MASTER_ADDR: export MASTER_ADDR=<first node's hostname> "
                                "(e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))")
