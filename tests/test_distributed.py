@@ -68,21 +68,24 @@ def test_global_hard_negatives_in_one_process_equal_local():
         assert torch.equal(out["local"][k], out["global"][k]), k
 
 
-def test_slurm_environment_decisions(monkeypatch, capsys):
+def test_slurm_environment_decisions(capsys):
     """A plain `python Pretrain.py` inside an sbatch script sees the allocation's SLURM_NTASKS but no srun step
     (SLURM_STEP_NUM_TASKS): one process with a note, not a wait for ranks that never come. Under srun the port is
     the job's own (two jobs sharing a node), the address must be given."""
+    from unittest import mock
+
     from utils import distributed as du
 
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "0")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_JOB_ID", "1234567")
-    info = du.init_distributed("cpu")
-    assert not info.distributed and info.world_size == 1
-    assert "SLURM_NTASKS=8 but this process was not started by srun" in capsys.readouterr().out
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # under srun, 2 tasks
-    with pytest.raises(RuntimeError, match="SLURM launch without MASTER_ADDR"):
-        du.init_distributed("cpu")
-    assert os.environ["MASTER_PORT"] == str(20000 + 1234567 % 20000)  # (monkeypatch removes what the call set)
+    before = dict(os.environ)
+    with mock.patch.dict(os.environ):  # restores the environment whole, including what init_distributed exports
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS"):
+            os.environ.pop(k, None)
+        os.environ.update(SLURM_PROCID="0", SLURM_NTASKS="8", SLURM_JOB_ID="1234567")
+        info = du.init_distributed("cpu")
+        assert not info.distributed and info.world_size == 1
+        assert "SLURM_NTASKS=8 but this process was not started by srun" in capsys.readouterr().out
+        os.environ["SLURM_STEP_NUM_TASKS"] = "2"  # under srun, 2 tasks
+        with pytest.raises(RuntimeError, match="SLURM launch without MASTER_ADDR"):
+            du.init_distributed("cpu")
+        assert os.environ["MASTER_PORT"] == str(20000 + 1234567 % 20000)
+    assert dict(os.environ) == before  # nothing leaks into the tests that follow
