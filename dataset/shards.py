@@ -92,9 +92,9 @@ MAX_BROKEN_SHARDS_IN_A_ROW = 50  # torn or unreadable shards without a sample in
 
 
 class BrokenShards:
-    """Torn or unreadable shards met by one stream: each is passed over (with the complete samples read before the
-    damage) and reported, once per stream in the log and in the next sample's ``bad_images``; too many in a row
-    without a sample (a wrong path, a lost filesystem) stop the stream with an error naming them."""
+    """Torn or unreadable shards met by one stream: each is passed over (see :func:`_shard_samples` for what of it is
+    kept) and reported, once per stream in the log and every time in the next sample's ``bad_images``; too many in a
+    row without a sample (lost or overwritten files) stop the stream with an error naming them."""
 
     def __init__(self, limit: int = MAX_BROKEN_SHARDS_IN_A_ROW):
         self.limit, self.in_a_row, self.pending, self.seen = limit, 0, [], set()
@@ -402,7 +402,7 @@ class ShardDataset(IterableDataset):
         return iter(wds.DataPipeline(pipeline, wds.slice(count)))
 
     def _decode(self, src: Iterable[Dict[str, Any]], key: Tuple[int, ...], skip: int,
-                broken: Optional[BrokenShards] = None) -> Iterator[Dict[str, Any]]:
+                broken: BrokenShards) -> Iterator[Dict[str, Any]]:
         bad: List[str] = []
         bad_in_a_row = 0
         seed_prefix = ":".join(map(str, ("sample", *key))) + ":"  # stream_seed("sample", *key, position)
@@ -428,7 +428,7 @@ class ShardDataset(IterableDataset):
                     sample = self.sample(meta, images, where)
             if sample is None:
                 continue
-            sample["bad_images"] = bad + (broken.take() if broken is not None else [])
+            sample["bad_images"] = bad + broken.take()
             bad, bad_in_a_row = [], 0
             yield sample  # outside the seeded block: the consumer runs under its own random state
 
